@@ -1,0 +1,21 @@
+"""Flow `slm`: the whole pipeline for a profile (deployment `slm/full-pipeline`).
+
+Parameters: profile (a name under profiles/ or a path), overrides (["path.to.key=value",
+...]), until / only (a stage name). Stages come from the registry in DAG order.
+"""
+from __future__ import annotations
+
+import flows  # noqa: F401  (sets Prefect defaults before prefect is imported)
+from prefect import flow
+
+from flows.pipeline import run_pipeline
+
+
+@flow(name="slm", log_prints=True)
+def slm(profile: str = "demo", overrides: list[str] | None = None, until: str | None = None,
+        only: str | None = None) -> dict[str, str]:
+    return run_pipeline("slm", profile, overrides, until=until, only=only)
+
+
+if __name__ == "__main__":
+    slm()

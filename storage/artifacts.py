@@ -1,0 +1,265 @@
+"""The artifact store: `<root>/<stage>/<key>/` directories that exist only with a manifest.
+
+Root is a local path or any fsspec URL (s3://bucket/prefix, gs://..., memory://...).
+Credentials come from the environment (AWS_*, AWS_ENDPOINT_URL, ...), never from
+profiles, so they never reach a manifest or MLflow.
+
+Writing (one stage run):
+  out = store.begin(stage, key)   # local working dir, restored from earlier partial work
+  ... stage writes files under out.path, calls out.save_progress(rel) per finished unit ...
+  store.commit(out, manifest)     # files, then _MANIFEST.json last
+
+Local root: out.path *is* `<root>/<stage>/<key>.partial/`; commit writes the manifest
+there and renames the directory into place (atomic on one filesystem).
+Remote root: out.path is a local working dir under the project home; save_progress
+uploads finished files to `<root>/<stage>/<key>.partial/` so a run on another machine
+resumes them; commit uploads everything to `<root>/<stage>/<key>/` and writes the
+manifest last. Either way a reader never sees half an artifact: no manifest, no artifact.
+
+Reading: `store.local_path(manifest, rel)` gives a local file (remote files are fetched
+once into `<home>/cache` and checked against their sha256).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+from pydantic import ValidationError
+
+from storage.errors import SlmError
+from storage.keys import short
+from storage.manifest import MANIFEST_NAME, Manifest, sha256_of
+
+PARTIAL_SUFFIX = ".partial"
+SCRATCH = "_work"  # a stage's private progress files: kept across restarts, dropped at commit
+
+
+class ArtifactError(SlmError):
+    pass
+
+
+@dataclass
+class ArtifactDir:
+    """Where a running stage writes. `path` is always a local directory."""
+
+    stage: str
+    key: str
+    path: Path
+    store: "ArtifactStore"
+    workers: int = 1
+    metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
+
+    @property
+    def scratch(self) -> Path:
+        """A folder for the stage's own progress state; never part of the artifact."""
+        return self.path / SCRATCH
+
+    def save_progress(self, rel: str) -> None:
+        """Make one finished file durable so a restarted run keeps it (no-op for local roots)."""
+        self.store._upload_partial(self, rel)
+
+    def has_progress(self, rel: str) -> bool:
+        return (self.path / rel).exists()
+
+    def local_input(self, manifest: Manifest, rel: str) -> Path:
+        return self.store.local_path(manifest, rel)
+
+    def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        """Queue metrics for the stage's MLflow run (sent in one batch at the end)."""
+        self.metrics.append((dict(values), step))
+
+
+class ArtifactStore:
+    def __init__(self, root: str, home: Path):
+        self.root = root.rstrip("/")
+        self.home = home
+        self.fs, self.fs_root = fsspec.core.url_to_fs(self.root)
+        self.is_local = "file" in _protocols(self.fs)
+        if self.is_local:
+            self.fs_root = str(Path(self.fs_root).resolve())
+
+    # -- paths ---------------------------------------------------------------
+    def _dir(self, stage: str, key: str) -> str:
+        return f"{self.fs_root}/{stage}/{short(key)}"
+
+    def _partial(self, stage: str, key: str) -> str:
+        return self._dir(stage, key) + PARTIAL_SUFFIX
+
+    def uri(self, stage: str, key: str) -> str:
+        return f"{self.root}/{stage}/{short(key)}"
+
+    def _cache_dir(self, stage: str, key: str) -> Path:
+        return self.home / "cache" / stage / short(key)
+
+    # -- reading -------------------------------------------------------------
+    def load_manifest(self, stage: str, key: str) -> Manifest | None:
+        """The manifest of a committed artifact, or None if there is none.
+
+        A manifest that is unreadable or does not match its directory is an error,
+        never silently replaced: nothing is deleted.
+        """
+        directory = self._dir(stage, key)
+        path = f"{directory}/{MANIFEST_NAME}"
+        if not self.fs.exists(path):
+            if self.is_local and self.fs.exists(directory):
+                raise ArtifactError(
+                    f"{directory} exists but has no {MANIFEST_NAME}: it was not written by slm's "
+                    f"commit. Move it aside or delete it, then run again."
+                )
+            return None
+        try:
+            with self.fs.open(path, "rb") as handle:
+                manifest = Manifest.model_validate(json.loads(handle.read()))
+        except (ValueError, ValidationError) as err:
+            first = str(err).splitlines()[0]
+            raise ArtifactError(
+                f"{path} is corrupt ({first}). Delete {directory} to recompute the stage."
+            ) from None
+        if manifest.stage != stage or manifest.key != key:
+            raise ArtifactError(
+                f"{path} belongs to {manifest.stage}/{short(manifest.key)}, not {stage}/{short(key)}. "
+                f"Delete {directory} to recompute the stage."
+            )
+        return manifest
+
+    def verify(self, manifest: Manifest, full: bool = True) -> None:
+        """Check sizes (and sha256 for local roots when full) of every listed file."""
+        directory = self._dir(manifest.stage, manifest.key)
+        for entry in manifest.files:
+            path = f"{directory}/{entry.path}"
+            if not self.fs.exists(path):
+                raise ArtifactError(
+                    f"{path} is listed in its manifest but missing. Delete {directory} to recompute."
+                )
+            size = self.fs.size(path)
+            if size != entry.size:
+                raise ArtifactError(
+                    f"{path} has {size} bytes, its manifest says {entry.size}. "
+                    f"Delete {directory} to recompute."
+                )
+            if full and self.is_local:
+                actual = sha256_of(Path(path))
+                if actual != entry.sha256:
+                    raise ArtifactError(
+                        f"{path} sha256 is {actual}, its manifest says {entry.sha256}: the file "
+                        f"changed after it was written. Delete {directory} to recompute."
+                    )
+
+    def local_path(self, manifest: Manifest, rel: str) -> Path:
+        """A local file for one file of a committed artifact (fetched and checked if remote)."""
+        entry = manifest.file(rel)
+        if self.is_local:
+            return Path(self._dir(manifest.stage, manifest.key)) / rel
+        target = self._cache_dir(manifest.stage, manifest.key) / rel
+        if target.exists() and target.stat().st_size == entry.size:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        self.fs.get_file(f"{self._dir(manifest.stage, manifest.key)}/{rel}", str(tmp))
+        actual = sha256_of(tmp)
+        if actual != entry.sha256:
+            tmp.unlink()
+            raise ArtifactError(
+                f"{self.uri(manifest.stage, manifest.key)}/{rel}: sha256 {actual} does not match "
+                f"the manifest's {entry.sha256}. Delete the artifact to recompute it."
+            )
+        os.replace(tmp, target)
+        return target
+
+    def list_artifacts(self) -> list[tuple[str, str, bool]]:
+        """(stage, directory name, committed) for everything under the root."""
+        found = []
+        if not self.fs.exists(self.fs_root):
+            return found
+        for stage_dir in self.fs.ls(self.fs_root, detail=False):
+            stage = stage_dir.rstrip("/").rsplit("/", 1)[-1]
+            if not self.fs.isdir(stage_dir):
+                continue
+            for art in self.fs.ls(stage_dir, detail=False):
+                name = art.rstrip("/").rsplit("/", 1)[-1]
+                committed = self.fs.exists(f"{art}/{MANIFEST_NAME}")
+                found.append((stage, name, committed))
+        return found
+
+    def partial_exists(self, stage: str, key: str) -> bool:
+        return self.fs.exists(self._partial(stage, key))
+
+    def remove(self, stage: str, name: str) -> None:
+        self.fs.rm(f"{self.fs_root}/{stage}/{name}", recursive=True)
+
+    def size_of(self, stage: str, name: str) -> int:
+        return int(self.fs.du(f"{self.fs_root}/{stage}/{name}"))
+
+    # -- writing -------------------------------------------------------------
+    def check_writable(self) -> None:
+        probe = f"{self.fs_root}/.write-probe-{os.getpid()}"
+        try:
+            self.fs.makedirs(self.fs_root, exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm(probe)
+        except (OSError, PermissionError) as err:
+            raise ArtifactError(
+                f"artifact root {self.root} is not writable ({err}). Fix its permissions or set "
+                f"store.root in the profile (or SLM_HOME) to a writable place."
+            ) from None
+
+    def begin(self, stage: str, key: str, workers: int = 1) -> ArtifactDir:
+        """Open the working directory for a stage run, with any earlier partial work in it."""
+        if self.is_local:
+            path = Path(self._partial(stage, key))
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ArtifactError(
+                    f"cannot create {path} ({err}). Make the artifact root writable and run again."
+                ) from None
+        else:
+            path = self.home / "work" / stage / (short(key) + PARTIAL_SUFFIX)
+            path.mkdir(parents=True, exist_ok=True)
+            remote = self._partial(stage, key)
+            if self.fs.exists(remote):
+                for file in self.fs.find(remote):
+                    rel = file[len(remote) + 1:]
+                    local = path / rel
+                    if not (local.exists() and local.stat().st_size == self.fs.size(file)):
+                        local.parent.mkdir(parents=True, exist_ok=True)
+                        self.fs.get_file(file, str(local))
+        return ArtifactDir(stage=stage, key=key, path=path, store=self, workers=workers)
+
+    def _upload_partial(self, out: ArtifactDir, rel: str) -> None:
+        if self.is_local:
+            return
+        self.fs.put_file(str(out.path / rel), f"{self._partial(out.stage, out.key)}/{rel}")
+
+    def commit(self, out: ArtifactDir, manifest: Manifest) -> None:
+        """Publish the working directory as the artifact; the manifest is the last write."""
+        body = manifest.model_dump_json(indent=2).encode("utf-8")
+        final = self._dir(out.stage, out.key)
+        if self.is_local:
+            if os.path.exists(final):
+                raise ArtifactError(f"{final} already exists; refusing to overwrite it.")
+            tmp = out.path / (MANIFEST_NAME + ".tmp")
+            tmp.write_bytes(body)
+            os.replace(tmp, out.path / MANIFEST_NAME)
+            os.rename(out.path, final)
+            return
+        for entry in manifest.files:
+            self.fs.put_file(str(out.path / entry.path), f"{final}/{entry.path}")
+        self.fs.pipe_file(f"{final}/{MANIFEST_NAME}", body)
+        partial = self._partial(out.stage, out.key)
+        if self.fs.exists(partial):
+            self.fs.rm(partial, recursive=True)
+        cache = self._cache_dir(out.stage, out.key)
+        if cache.exists():
+            shutil.rmtree(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out.path, cache)  # the work dir becomes the read cache: no download back
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)

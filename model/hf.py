@@ -181,7 +181,7 @@ def _add_legacy_keys(path: Path, cfg: ModelConfig) -> None:
     """
     d = json.loads(path.read_text())
     d["rope_theta"] = cfg.rope_theta
-    d["rope_scaling"] = None if not cfg.rope_scaling else {**cfg.rope_scaling, "type": cfg.rope_scaling["rope_type"]}
+    d["rope_scaling"] = None if not cfg.rope_scaling else dict(cfg.rope_scaling)
     if cfg.is_moe:
         d["num_experts"] = cfg.num_experts
     path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")

@@ -250,3 +250,35 @@ def test_load_stock_hf_qwen_dirs(tmp_path):
         ids = torch.randint(0, 256, (1, 12))
         with torch.no_grad():
             assert (ours.eval()(ids) - hf(ids).logits).abs().max().item() < 1e-4, type(hf).__name__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention path is CUDA-only")
+def test_flex_attention_matches_sdpa_mask_on_cuda():
+    model = make("moe").cuda()
+    ids = torch.randint(0, 256, (2, 300), device="cuda")
+    doc = torch.cat([torch.full((2, 100), 0), torch.full((2, 150), 1), torch.full((2, 50), 2)], 1).cuda()
+    with torch.no_grad():
+        model.use_flex = True
+        flex = model(ids, document_ids=doc)
+        model.use_flex = False
+        sdpa = model(ids, document_ids=doc)
+        alone = model(ids[:, 100:250])
+    assert (flex - sdpa).abs().max().item() < 1e-4
+    assert (flex[:, 100:250] - alone).abs().max().item() < 1e-4
+
+
+def test_tokenizer_files_copied_and_config_dict_round_trip(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"<unk>": 26}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    out = save_hf_dir(make("dense"), tmp_path / "tok", tmp_path / "hf")
+    assert (out / "tokenizer.json").exists()
+    assert AutoTokenizer.from_pretrained(out)("abc")["input_ids"] == [0, 1, 2]
+    cfg = make("moe", rope_scaling={"rope_type": "yarn", "factor": 2.0}).config
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError):
+        ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})

@@ -82,22 +82,15 @@ def cmd_run(args) -> int:
     made = slm(profile=args.profile, overrides=args.overrides, until=args.until, only=args.only)
     print()
     print_table(stage_table(profile))
-    from tasks.runner import open_tracker  # noqa: F401
     from storage.home import project_home
 
-    home = project_home()
-    print(f"\nartifacts: {open_store_root(profile)}")
+    print("\nartifacts:")
     for stage, uri in made.items():
         print(f"  {stage}: {uri}")
-    print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'} --host 127.0.0.1")
-    print("Prefect UI: make up   (then http://127.0.0.1:4200)")
+    print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{project_home() / 'mlflow.db'} "
+          "--host 127.0.0.1   (or `make up`, then http://127.0.0.1:5000)")
+    print("Prefect UI: `make up`, then http://127.0.0.1:4200")
     return 0
-
-
-def open_store_root(profile) -> str:
-    from tasks.runner import open_store
-
-    return open_store(profile).root
 
 
 def cmd_stages(args) -> int:

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOME_DIR := $(abspath .slm)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export SLM_HOME ?= $(HOME_DIR)
-export PREFECT_HOME ?= $(HOME_DIR)/prefect
+export PREFECT_HOME ?= $(SLM_HOME)/prefect
 
 .PHONY: install run test up down clean
 

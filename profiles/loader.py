@@ -32,7 +32,8 @@ def _resolve(ref: str, relative_to: Path | None = None) -> Path:
         candidates.append(Path(ref))
         if relative_to is not None:
             candidates.append(relative_to.parent / ref)
-    candidates.append(PROFILE_DIR / f"{ref}.yaml")
+    candidates.append(PROFILE_DIR / (ref if ref.endswith((".yaml", ".yml")) else f"{ref}.yaml"))
+    candidates = list(dict.fromkeys(candidates))  # an absolute ref would be listed twice
     for path in candidates:
         if path.is_file():
             return path.resolve()

@@ -198,7 +198,8 @@ class ArtifactStore:
     def check_writable(self) -> None:
         probe = f"{self.fs_root}/.write-probe-{os.getpid()}"
         try:
-            self.fs.makedirs(self.fs_root, exist_ok=True)
+            if self.is_local:  # on object stores makedirs would create a missing (mistyped) bucket
+                self.fs.makedirs(self.fs_root, exist_ok=True)
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm(probe)
         except (OSError, PermissionError) as err:

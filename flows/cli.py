@@ -4,6 +4,8 @@
   slm stages --profile P [-o ...]        stage, key, state, size, records
   slm show STAGE --profile P [-o ...]    one manifest, readable
   slm gc [--yes]                         remove artifacts no profile references (dry run by default)
+  slm chat --model DIR                   chat in the terminal (serve/chat.py)
+  slm serve --model DIR [--port 8000]    OpenAI-compatible API + web chat on 127.0.0.1 (serve/api.py)
 
 Errors a user must fix print as one line (`error: ...`) with exit status 2.
 """
@@ -185,8 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--profile", "-p", action="append", help="also keep this profile's keys (repeatable)")
     gc.add_argument("-o", "--override", dest="overrides", action="append", default=[])
     gc.add_argument("--yes", action="store_true", help="really delete (default: dry run)")
+    import serve
+
+    serve.add_chat_arguments(sub.add_parser("chat", help="chat with a model directory in the terminal"))
+    serve.add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible API and web chat for a model directory"))
     args = parser.parse_args(argv)
-    handler = {"run": cmd_run, "stages": cmd_stages, "show": cmd_show, "gc": cmd_gc}[args.command]
+    handler = {"run": cmd_run, "stages": cmd_stages, "show": cmd_show, "gc": cmd_gc,
+               "chat": serve.run_chat, "serve": serve.run_serve}[args.command]
     try:
         return handler(args)
     except SlmError as err:

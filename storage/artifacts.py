@@ -104,6 +104,8 @@ class ArtifactStore:
         """
         directory = self._dir(stage, key)
         path = f"{directory}/{MANIFEST_NAME}"
+        if not self.is_local:
+            self.fs.invalidate_cache(directory)  # another machine may have committed it since
         if not self.fs.exists(path):
             if self.is_local and self.fs.exists(directory):
                 raise ArtifactError(

@@ -47,13 +47,35 @@ class DownloadSettings(Strict):
 class DownloadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     sources: dict[str, Source]  # what is fetched: the key
+    # What the files on this machine are now: (name, size, mtime) of local files, the
+    # version of a package. Editing a local corpus or upgrading the package reruns download.
+    identity: dict[str, list]
     network: DownloadSettings = Field(exclude=True)  # how: not in the key
 
 
 def config(profile) -> DownloadConfig:
     # `format` is extract's business: changing it must not refetch anything.
     sources = {name: src.model_copy(update={"format": None}) for name, src in profile.sources.items()}
-    return DownloadConfig(sources=sources, network=profile.stages.download)
+    return DownloadConfig(sources=sources, identity=_identity(sources), network=profile.stages.download)
+
+
+def _identity(sources: dict) -> dict[str, list]:
+    from importlib import metadata
+
+    found: dict[str, list] = {}
+    for name, src in sources.items():
+        if isinstance(src, LocalSource):
+            try:
+                files = _local_files(name, src.path)
+            except DownloadError:
+                files = []  # reported when the stage runs
+            found[name] = [[rel, p.stat().st_size, p.stat().st_mtime_ns] for rel, p in files]
+        elif isinstance(src, PackageSource):
+            try:
+                found[name] = [metadata.version(src.package)]
+            except metadata.PackageNotFoundError:
+                found[name] = []
+    return found
 
 
 class DownloadError(SlmError):

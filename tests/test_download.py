@@ -217,3 +217,13 @@ def test_bad_local_and_package_sources_name_the_fix(tmp_path, make_profile, caps
     path = make_profile({"tracking": {"enabled": False}})
     with pytest.raises(DownloadError, match="the profile has no sources: add at least one under `sources:`"):
         download(path)
+
+
+def test_editing_a_local_source_changes_the_download_key(tmp_path, make_profile):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("第一行。\n", encoding="utf-8")
+    path = profile_for(make_profile, {"mine": {"kind": "local", "path": str(corpus)}})
+    before = compute_keys(load_profile(str(path)))["download"]
+    assert compute_keys(load_profile(str(path)))["download"] == before  # stable while unchanged
+    corpus.write_text("第一行。\n第二行。\n", encoding="utf-8")
+    assert compute_keys(load_profile(str(path)))["download"] != before

@@ -28,13 +28,16 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str):
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = (
+            found.experiment_id if found
+            else self.client.create_experiment(experiment, artifact_location=artifact_location)
+        )
 
     def pipeline_run(self, flow_run_id: str | None, profile: str, flow_name: str) -> str:
         """The parent run of this flow run; a retried flow run reuses its earlier parent."""

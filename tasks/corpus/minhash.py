@@ -1,0 +1,109 @@
+"""MinHash signatures and LSH banding, vectorized with numpy.
+
+Shingles  the n-grams of text.tokenize's tokens: a Han character is a token, so Chinese gets
+          character n-grams and Latin-script text word n-grams, in the same document too. A
+          document with fewer than n tokens gets one shingle of all its tokens; a document
+          without tokens has no signature (it takes part in exact dedup only).
+Hash      each shingle's 64-bit hash (text.ngram_hashes: polynomial combination + murmur3
+          fmix64) instead of datasketch's default sha1; permutation i maps the upper 32 bits
+          x to ((a_i * x + b_i) mod 2^64) >> 32 with a_i odd (multiply-add-shift, a universal
+          family): plain uint64 arithmetic in numpy, no modulo, no Python loop per shingle.
+Batches   permutations are applied to blocks of BLOCK shingles ([num_perm, BLOCK] uint64,
+          4 MB, cache-sized) and reduced per document with np.minimum.reduceat.
+LSH       lsh_params() takes bands and rows from datasketch's own _optimal_param (the one
+          MinHashLSH uses); band_keys() hashes each band's rows to one uint64, which is
+          datasketch's band logic (equal band -> candidate pair) reproduced in numpy, so that
+          buckets are found by sorting instead of a dict per band. tests/test_corpus_dedup.py
+          checks the candidate pairs against datasketch.MinHashLSH on the same signatures.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from tasks.corpus.text import Tokens, fmix64, ngram_hashes, short_doc_hashes
+
+BLOCK = 4096
+assert sys.byteorder == "little", "minhash reads the high half of uint64 values in place"
+EMPTY = np.uint32(0xFFFFFFFF)
+_S32 = np.uint64(32)
+_Q = np.uint64(0x9E3779B97F4A7C15)
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    top = np.iinfo(np.uint64).max
+    a = rng.integers(0, top, size=num_perm, dtype=np.uint64, endpoint=True) | np.uint64(1)
+    b = rng.integers(0, top, size=num_perm, dtype=np.uint64, endpoint=True)
+    return a, b
+
+
+def _apply(sig: np.ndarray, hashes: np.ndarray, docs: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """sig[doc] = min(sig[doc], h_i(shingle)) for shingles sorted by doc."""
+    x = hashes >> _S32
+    with np.errstate(over="ignore"):
+        for lo in range(0, len(x), BLOCK):
+            block = x[lo:lo + BLOCK]
+            d = docs[lo:lo + BLOCK]
+            values = np.multiply.outer(a, block)
+            values += b[:, None]
+            high = values.view(np.uint32)[:, 1::2]  # (a*x + b) >> 32, read in place (little endian)
+            starts = np.flatnonzero(np.concatenate(([True], d[1:] != d[:-1])))
+            part = np.minimum.reduceat(high, starts, axis=1).T
+            rows = d[starts]
+            sig[rows] = np.minimum(sig[rows], part)
+
+
+def signatures(tokens: Tokens, num_perm: int, ngram: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint32 [n_docs, num_perm] signatures, bool [n_docs] has-a-signature) for a token batch."""
+    a, b = permutations(num_perm, seed)
+    sig = np.full((tokens.n_docs, num_perm), EMPTY, dtype=np.uint32)
+    hashes, docs, _ = ngram_hashes(tokens, ngram)
+    _apply(sig, hashes, docs, a, b)
+    short_hashes, short_docs = short_doc_hashes(tokens, ngram)
+    _apply(sig, short_hashes, short_docs, a, b)
+    return sig, tokens.per_doc() > 0
+
+
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimizing false positives + false negatives at the threshold (datasketch)."""
+    from datasketch.lsh import _optimal_param
+
+    bands, rows = _optimal_param(threshold, num_perm, 0.5, 0.5)
+    return int(bands), int(rows)
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """uint64 [n, bands]: one hash per band of `rows` consecutive signature values."""
+    keys = np.zeros((len(sig), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            h = np.full(len(sig), np.uint64(band), dtype=np.uint64)
+            for col in sig[:, band * rows:(band + 1) * rows].T:
+                h = h * _Q + col.astype(np.uint64)
+            keys[:, band] = fmix64(h)
+    return keys
+
+
+def bucket_edges(keys: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs of one band: every member of a bucket paired with the bucket's first.
+
+    keys: uint64 [m] band keys of the documents `index` (global ordinals, ascending).
+    Returns (first, member) arrays of global ordinals, first < member.
+    """
+    if not len(keys):
+        return index[:0], index[:0]
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    new_run = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
+    run_first = np.flatnonzero(new_run)
+    run_of = np.cumsum(new_run) - 1
+    leader = order[run_first[run_of]]
+    pair = leader != order
+    return index[leader[pair]], index[order[pair]]
+
+
+def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
+    """Share of equal signature values, row by row: the MinHash estimate of Jaccard similarity."""
+    return (sig_a == sig_b).mean(axis=1)

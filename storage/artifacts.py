@@ -52,6 +52,7 @@ class ArtifactDir:
     store: "ArtifactStore"
     workers: int = 1
     metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
+    logged: list[str] = field(default_factory=list)  # artifact files to copy to the MLflow run
 
     @property
     def scratch(self) -> Path:
@@ -71,6 +72,10 @@ class ArtifactDir:
     def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
         """Queue metrics for the stage's MLflow run (sent in one batch at the end)."""
         self.metrics.append((dict(values), step))
+
+    def log_artifact(self, rel: str) -> None:
+        """Also copy this file of the artifact (a report, a plot) to the stage's MLflow run, after commit."""
+        self.logged.append(rel)
 
 
 class ArtifactStore:

@@ -19,6 +19,13 @@ from storage.errors import SlmError
 
 _STAGE_MODULES = [
     "tasks.download",
+    "tasks.extract",
+    "tasks.normalize",
+    "tasks.clean",
+    "tasks.dedup",
+    "tasks.tokenizer",
+    "tasks.shard",
+    "tasks.pretrain",
 ]
 
 

@@ -117,6 +117,9 @@ def run_stage(
         tracker.log_metrics(run_id, numbers)
         for values, step in out.metrics:
             tracker.log_metrics(run_id, values, step)
+        for rel in out.logged:
+            folder = rel.rpartition("/")[0] or None
+            tracker.log_artifact(run_id, str(store.local_path(manifest, rel)), folder)
         if result.summary:
             tracker.set_tag(run_id, "mlflow.note.content", result.summary)
         tracker.set_tag(run_id, "slm.artifact", store.uri(stage.name, key))

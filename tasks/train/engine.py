@@ -1,0 +1,658 @@
+"""The training engine shared by every training stage (pretrain, SFT, DPO, distill).
+
+    from tasks.train import TrainConfig, train, CausalLM, PackedBatches, ValidationRows
+    result = train(cfg, model_fn, CausalLM(), PackedBatches(source, cfg.seq_len), val)
+
+`train` runs in one process, or in each of the processes torchrun starts
+(RANK / WORLD_SIZE / LOCAL_RANK in the environment -> DDP or FSDP2). It needs
+only torch, numpy, safetensors (+ pyarrow and tokenizers for the CLI's data):
+no prefect or mlflow, so it runs on a bare GPU box. The CLI
+
+    python -m tasks.train.engine --config run.json       (or under torchrun)
+
+reads a JSON file (see `run_from_config`) and is what tasks/train/launch.py starts.
+
+A step: the data plug-in packs the whole global batch (`global_batch` rows) on
+every rank; rank r takes its own `micro_batch` rows for each of the
+`grad_accum` micro-steps (split_rows), so the data order, the cursor and the
+loss do not depend on the number of processes. The objective returns the
+SUM of its per-term losses; the engine divides by the global term count of
+the step (known on the host, no sync), so the step loss is the mean over the
+global batch whatever the split. bf16 autocast on CUDA, fp32 on CPU;
+gradient clipping; fused AdamW (decay for matrices, none for norms and
+biases); LR from `Schedule`. Nothing syncs with the host inside a step: the
+loss and grad norm stay on the device and are read (`.item()`) once per
+`log_every` steps.
+
+Outputs in `out_dir`:
+  metrics.jsonl        rank 0 only, one JSON object per line, written at log steps:
+                       {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens",
+                        "tokens_per_s", "mfu", "peak_mem_gib", ...}
+                       {"kind": "eval", "step", "val_loss", "val_bpb"}
+                       {"kind": "checkpoint", "step", "path"}, {"kind": "resume", "step"},
+                       {"kind": "start" | "end", ...}
+  checkpoints/step_N/  see checkpoint.py; every `ckpt_every` steps, at the end, and
+                       on SIGTERM / SIGINT / parent death (then exit status 143).
+
+Resume: if `out_dir/checkpoints` holds a checkpoint, `train` continues from the
+newest one: weights, optimizer, schedule step, data cursor, RNG states.
+On CPU with deterministic=True the continued run is bitwise identical to an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tasks.train import checkpoint as ckpt
+from tasks.train.schedule import Schedule
+
+EXIT_STOPPED = 143  # exit status after a checkpoint on SIGTERM / SIGINT / parent death
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+@dataclass
+class TrainConfig:
+    """How to train; plain data (JSON in, JSON in the checkpoint)."""
+
+    out_dir: str
+    steps: int  # optimizer updates in total
+    seq_len: int = 512
+    micro_batch: int = 8  # rows per process per forward/backward
+    global_batch: int = 0  # rows per optimizer step; 0 -> micro_batch * processes (no accumulation)
+    lr: float = 3e-4  # peak learning rate
+    schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2  # wsd: last share of the steps spent decaying
+    decay_shape: str = "linear"  # wsd: linear | sqrt
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 -> no clipping (the norm is still logged)
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool | None = None  # torch.compile the objective's loss (model + loss in one graph); None -> on CUDA only
+    parallel: str = "ddp"  # with several processes: ddp | fsdp (FSDP2, one unit per layer)
+    log_every: int = 10
+    eval_every: int = 0  # 0 -> only at the end
+    ckpt_every: int = 0  # 0 -> only at the end (and on a stop signal)
+    keep_last: int = 2
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU)
+    threads: int = 0  # torch CPU threads; 0 -> torch's default
+    peak_flops: float = 0.0  # per device for MFU; 0 -> from the device name (bf16 dense peak)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.seq_len < 1 or self.micro_batch < 1:
+            raise ValueError("steps, seq_len and micro_batch must be >= 1")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision {self.precision!r}: expected auto, bf16 or fp32")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel {self.parallel!r}: expected ddp or fsdp")
+        self.schedule_obj()  # validates the schedule fields
+
+    def schedule_obj(self) -> Schedule:
+        return Schedule(self.schedule, self.steps, self.warmup_steps, self.decay_fraction, self.decay_shape, self.min_lr_ratio)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown train config keys: {sorted(unknown)} (known: {sorted(names)})")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    flag_group: Any = None  # a gloo group for the stop flag (no GPU sync)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Read torchrun's environment; init the process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    d = Dist(rank, world, local, device)
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        d.flag_group = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
+    return d
+
+
+def split_rows(batch: dict[str, np.ndarray], micro_batch: int, accum: int, world: int, rank: int) -> list[dict[str, np.ndarray]]:
+    """The global batch's rows -> this rank's `accum` micro-batches (micro-step a, rank r
+    gets rows [(a*world + r)*micro_batch, ... + micro_batch))."""
+    out = []
+    for a in range(accum):
+        start = (a * world + rank) * micro_batch
+        out.append({k: v[start : start + micro_batch] for k, v in batch.items()})
+    return out
+
+
+def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        out[k] = t
+    return out
+
+
+# --------------------------------------------------------------------------- stop signals
+
+
+class StopFlag:
+    """SIGTERM / SIGINT, or the death of the launching process, ask the loop to stop.
+
+    The loop checks `should_stop()` after every step; all ranks agree (a MAX
+    all-reduce on a CPU group), checkpoint the same step and exit. The parent
+    watch covers a stage process that crashed or was killed: the child saves
+    and exits instead of training on as an orphan (SLM_PARENT_PID, and the
+    direct parent, e.g. torchrun's agent), checked 5 times a second.
+    """
+
+    def __init__(self, d: Dist):
+        self.d = d
+        self.reason: str | None = None
+        self._previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        watched = {os.getppid()}
+        if os.environ.get("SLM_PARENT_PID"):
+            watched.add(int(os.environ["SLM_PARENT_PID"]))
+        self._watched = watched
+        threading.Thread(target=self._watch, daemon=True, name="parent-watch").start()
+
+    def close(self) -> None:
+        """Give the signals back to whoever had them (train() called in-process), stop watching."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        self._closed = True
+
+    def _on_signal(self, signum, frame) -> None:
+        self.reason = signal.Signals(signum).name
+
+    def _watch(self) -> None:
+        parent = os.getppid()
+        while self.reason is None and not getattr(self, "_closed", False):
+            time.sleep(0.2)
+            gone = os.getppid() != parent
+            for pid in self._watched:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    gone = True
+                except PermissionError:
+                    pass
+            if gone:
+                self.reason = "parent exited"
+
+    def should_stop(self) -> bool:
+        flag = self.reason is not None
+        if self.d.world > 1:
+            t = torch.tensor([int(flag)])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.d.flag_group)
+            flag = bool(t.item())
+            if flag and self.reason is None:
+                self.reason = "another rank stopped"
+        return flag
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """Append-only JSONL (rank 0). One write + flush per record batch."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+        self._fh = open(self.path, "a", encoding="utf-8") if enabled else None
+
+    def write(self, *records: dict) -> None:
+        if not self.enabled:
+            return
+        now = time.time()
+        self._fh.write("".join(json.dumps({"time": round(now, 3), **r}, ensure_ascii=False) + "\n" for r in records))
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, as a resumed run sees its history: records of an
+    interrupted attempt past the step it resumed from are dropped; a torn last line
+    (kill -9 mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records: list[dict] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == "resume":
+            records = [r for r in records if r.get("step", 0) <= rec["step"] or r.get("kind") in ("start", "end")]
+        records.append(rec)
+    return records
+
+
+def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float:
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# --------------------------------------------------------------------------- model, optimizer
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay for matrices (dim >= 2: projections, embeddings, experts), none for norms and biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+
+
+def wrap_model(model: torch.nn.Module, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
+    """DDP or FSDP2 (fully_shard per decoder layer, then the root) when world > 1."""
+    if d.world == 1:
+        return model
+    if cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(model, "layers", []):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def _sync_context(model: torch.nn.Module, cfg: TrainConfig, d: Dist, last: bool):
+    """No gradient all-reduce on the micro-steps before the last one."""
+    if d.world == 1:
+        return contextlib.nullcontext()
+    if cfg.parallel == "fsdp":
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else model.no_sync()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(
+    cfg: TrainConfig,
+    model_fn: Callable[[], torch.nn.Module],
+    objective,
+    data,
+    val=None,
+    *,
+    dist_ctx: Dist | None = None,
+    extra_state: dict | None = None,
+) -> dict:
+    """Train; see the module docstring. Returns {"step", "tokens", "stopped", "checkpoint", "val"}.
+
+    model_fn: builds the fp32 model on the CPU (called after seeding, on every rank);
+              the model should have `.config` (ModelConfig) for checkpoints and MFU.
+    objective: see objectives.py. data: `next_batch(rows)`, `state_dict()`, `load_state_dict()`.
+    val: `batches(rows, world, rank)`, `num_bytes` (0 -> no bits per byte); None -> no eval.
+    extra_state: plain data stored in every checkpoint's trainer.pt (e.g. what the run was made from).
+    """
+    d = dist_ctx or init_distributed()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    cuda = d.device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    per_step = cfg.global_batch or cfg.micro_batch * d.world
+    if per_step % (cfg.micro_batch * d.world):
+        raise ValueError(
+            f"global_batch {per_step} is not a multiple of micro_batch {cfg.micro_batch} x {d.world} processes; "
+            "change micro_batch or global_batch"
+        )
+    accum = per_step // (cfg.micro_batch * d.world)
+    tokens_per_step = per_step * cfg.seq_len
+
+    seed_everything(cfg.seed)
+    model = model_fn()
+    model_config = model.config.to_dict() if hasattr(model, "config") else {}
+    resume = ckpt.latest_checkpoint(ckpt_root)
+    trainer_state: dict = {}
+    if resume is not None:
+        model.load_state_dict(ckpt.load_weights(resume), strict=True)
+        trainer_state = ckpt.load_trainer(resume)
+    model.to(d.device)
+    base = model
+    model = wrap_model(model, cfg, d)
+    optimizer = make_optimizer(base, cfg, d.device)
+    sched = cfg.schedule_obj()
+    step, tokens = 0, 0
+    log = MetricsLog(out / "metrics.jsonl", d.main)
+    sharded = d.world > 1 and cfg.parallel == "fsdp"
+    if resume is not None:
+        saved = ckpt.load_optimizer(resume)
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(base, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        else:
+            ckpt.load_optimizer_state_by_name(base, optimizer, saved)
+        step, tokens = int(trainer_state["step"]), int(trainer_state["tokens"])
+        data.load_state_dict(trainer_state["data"])
+        rng = ckpt.load_rng(resume, d.rank)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        notes = []
+        if trainer_state.get("schedule") != sched.state_dict():
+            notes.append("the schedule changed since the checkpoint")
+        if int(trainer_state.get("world_size", d.world)) != d.world:
+            notes.append(f"world size {trainer_state['world_size']} -> {d.world} (same data order, other float sums)")
+        log.write({"kind": "resume", "step": step, "checkpoint": str(resume), "notes": notes})
+    else:
+        log.write({"kind": "start", "step": 0, "config": asdict(cfg), "world_size": d.world,
+                   "params": sum(p.numel() for p in base.parameters()), "device": str(d.device)})
+
+    compile = cfg.compile if cfg.compile is not None else cuda
+    loss_fn = torch.compile(objective.loss) if compile else objective.loss
+    flops_per_token = base.config.flops_per_token(cfg.seq_len) if hasattr(getattr(base, "config", None), "flops_per_token") else 0
+    peak = peak_flops_per_device(cfg, d.device)
+    params = [p for p in base.parameters() if p.requires_grad]
+
+    def save(reason: str) -> Path:
+        trainer = {"step": step, "tokens": tokens, "schedule": sched.state_dict(), "data": _plain(data.state_dict()),
+                   "world_size": d.world, "reason": reason, "extra": _plain(extra_state or {})}
+        if sharded:  # gathered to rank 0 (the others get empty dicts)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd, optim_sd = get_model_state_dict(base, options=full), get_optimizer_state_dict(base, optimizer, options=full)
+        elif d.main:
+            model_sd, optim_sd = base.state_dict(), ckpt.optimizer_state_by_name(base, optimizer)
+        else:
+            model_sd, optim_sd = {}, {}
+        tmp = ckpt.begin_save(ckpt_root, step) if d.main else ckpt.tmp_dir(ckpt_root, step)
+        if d.world > 1:
+            dist.barrier()
+        if d.main:
+            ckpt.write_main(tmp, model_sd, model_config, optim_sd, trainer)
+        ckpt.write_rng(tmp, d.rank)
+        if d.world > 1:
+            dist.barrier()
+        path = ckpt.step_dir(ckpt_root, step)
+        if d.main:
+            path = ckpt.finish_save(ckpt_root, step, cfg.keep_last)
+            log.write({"kind": "checkpoint", "step": step, "path": str(path), "reason": reason})
+        if d.world > 1:
+            dist.barrier()
+        return path
+
+    def evaluate() -> dict:
+        if val is None:
+            return {}
+        model.eval()
+        nats = torch.zeros((), dtype=torch.float64, device=d.device)
+        count = 0
+        with torch.no_grad():
+            for batch in val.batches(cfg.micro_batch, d.world, d.rank):
+                count += objective.count(batch)
+                with autocast():
+                    nats += loss_fn(model, to_device(batch, d.device))["sum"].double()
+        model.train()
+        total = torch.stack([nats, torch.tensor(float(count), dtype=torch.float64, device=d.device)])
+        if d.world > 1:
+            dist.all_reduce(total)
+        nats_v, count_v = total.tolist()
+        result = {"val_loss": nats_v / max(count_v, 1.0)}
+        if getattr(val, "num_bytes", 0):
+            result["val_bpb"] = nats_v / math.log(2) / val.num_bytes
+        return result
+
+    model.train()
+    interval_nats = torch.zeros((), dtype=torch.float32, device=d.device)
+    interval_count, interval_steps = 0, 0
+    grad_norm = torch.zeros((), device=d.device)
+    clock = time.perf_counter()
+    last_ckpt = resume
+    val_result: dict = {}
+    stopped: str | None = None
+    stop = StopFlag(d)
+    try:
+        while step < cfg.steps:
+            lr = cfg.lr * sched(step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batch = data.next_batch(per_step)
+            global_count = objective.count(batch)
+            scale = d.world / max(global_count, 1)
+            for i, micro in enumerate(split_rows(batch, cfg.micro_batch, accum, d.world, d.rank)):
+                tensors = to_device(micro, d.device)
+                with _sync_context(model, cfg, d, last=i == accum - 1):
+                    with autocast():
+                        out = loss_fn(model, tensors)
+                    loss = out["sum"] * scale
+                    if "aux" in out:
+                        loss = loss + out["aux"] / accum
+                    loss.backward()
+                interval_nats += out["sum"].detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += tokens_per_step
+            interval_count += global_count
+            interval_steps += 1
+
+            last = step == cfg.steps
+            if step % cfg.log_every == 0 or last:
+                stats = torch.stack([interval_nats.float(), _full(grad_norm).float().to(d.device)])
+                if d.world > 1:
+                    dist.all_reduce(stats[:1])
+                nats_v, gnorm = stats.tolist()
+                elapsed = time.perf_counter() - clock
+                loss_v = nats_v / max(interval_count, 1)
+                if not math.isfinite(loss_v):
+                    raise FloatingPointError(f"training loss is {loss_v} at step {step}: lower lr (now {lr:g}) or check the data")
+                tps = interval_steps * tokens_per_step / max(elapsed, 1e-9)
+                rec = {"kind": "train", "step": step, "loss": loss_v, "lr": lr, "grad_norm": gnorm, "tokens": tokens,
+                       "tokens_per_s": tps, "peak_mem_gib": peak_memory_gib(d.device)}
+                if flops_per_token and peak:
+                    rec["mfu"] = tps * flops_per_token / (peak * d.world)
+                log.write(rec)
+                if d.main:
+                    mfu = f" mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
+                    print(f"step {step}/{cfg.steps} loss {loss_v:.4f} lr {lr:.3g} grad norm {gnorm:.3f} "
+                          f"{tps:,.0f} tok/s{mfu} mem {rec['peak_mem_gib']:.2f} GiB", flush=True)
+                interval_nats.zero_()
+                interval_count, interval_steps = 0, 0
+                clock = time.perf_counter()
+            if val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                val_result = evaluate()
+                log.write({"kind": "eval", "step": step, **val_result})
+                if d.main:
+                    print(f"step {step} eval " + " ".join(f"{k} {v:.4f}" for k, v in val_result.items()), flush=True)
+                clock = time.perf_counter()
+            stopping = stop.should_stop()
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or stopping:
+                last_ckpt = save("stop: " + stop.reason if stopping else ("final" if last else "periodic"))
+                clock = time.perf_counter()
+            if stopping and not last:
+                stopped = stop.reason
+                break
+        log.write({"kind": "end", "step": step, "tokens": tokens, "stopped": stopped})
+    finally:
+        stop.close()
+        log.close()
+    return {"step": step, "tokens": tokens, "stopped": stopped, "checkpoint": str(last_ckpt) if last_ckpt else None,
+            "val": val_result}
+
+
+def _plain(x):
+    """numpy scalars/arrays -> Python numbers / tensors, so torch.load(weights_only=True) reads them."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v) for v in x)
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.copy())
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def run_from_config(spec: dict) -> dict:
+    """The CLI's job description (JSON) -> model, data, objective -> train().
+
+    {
+      "train": {TrainConfig fields},
+      "model": {"config": {ModelConfig fields}}          # from scratch
+             | {"init_from": "/path/to/hf_dir"},         # continued pretraining (Qwen2/Qwen3 HF dir)
+      "data": {"builder": "module:function"}  (other data: function(data_spec, TrainConfig) -> (data, val))
+            | {"train": [shard paths], "validation": [shard paths] (optional),
+               "eos_id": int, "seed": int (reading order, default 0),
+               "tokenizer": "/path/tokenizer.json" (optional: bits per byte),
+               "eval_tokens": int (validation tokens used, default 1_000_000)},
+      "objective": {"name": "causal_lm", ...its keyword arguments},
+      "extra": {...}                                     # stored in every checkpoint
+    }
+    Training documents come from tasks.shard_reader.ShardReader (one global stream,
+    row groups and rows shuffled per epoch with `seed`); validation documents in file
+    order, once.
+    """
+    from model import ModelConfig, Transformer, load_hf_dir
+    from tasks.shard_reader import ShardReader
+    from tasks.train.data import PackedBatches, ValidationRows
+    from tasks.train.objectives import OBJECTIVES
+
+    cfg = TrainConfig.from_dict(spec["train"])
+    m = spec["model"]
+    if "init_from" in m:
+        model_fn = lambda: load_hf_dir(m["init_from"])[0]  # noqa: E731
+    else:
+        ModelConfig.from_dict(m["config"])  # fail early on a bad shape
+        model_fn = lambda: Transformer(ModelConfig.from_dict(m["config"]))  # noqa: E731
+    obj_spec = dict(spec.get("objective") or {"name": "causal_lm"})
+    name = obj_spec.pop("name")
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective {name!r}: known objectives are {sorted(OBJECTIVES)}")
+    objective = OBJECTIVES[name](**obj_spec)
+    dspec = spec["data"]
+    if dspec.get("builder"):  # "module:function" (dspec, cfg) -> (data, val): chat data, preference pairs
+        from importlib import import_module
+
+        module, func = dspec["builder"].split(":")
+        data, val = getattr(import_module(module), func)(dspec, cfg)
+        return train(cfg, model_fn, objective, data, val, extra_state=spec.get("extra"))
+    source = ShardReader(dspec["train"], seed=int(dspec.get("seed", 0)), shuffle=True, loop=True)
+    data = PackedBatches(source, cfg.seq_len)
+    val = None
+    if dspec.get("validation"):
+        decode = None
+        if dspec.get("tokenizer"):
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(dspec["tokenizer"])
+            decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        val_docs = ShardReader(dspec["validation"], shuffle=False, loop=False)
+        val = ValidationRows(val_docs, cfg.seq_len, int(dspec["eos_id"]), int(dspec.get("eval_tokens", 1_000_000)), decode)
+    return train(cfg, model_fn, objective, data, val, extra_state=spec.get("extra"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.train.engine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the run's JSON file (see run_from_config)")
+    args = parser.parse_args(argv)
+    spec = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    result = run_from_config(spec)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if result["stopped"]:
+        print(f"stopped ({result['stopped']}) at step {result['step']}; checkpoint {result['checkpoint']}", file=sys.stderr)
+        return EXIT_STOPPED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

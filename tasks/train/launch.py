@@ -1,0 +1,189 @@
+"""Run the engine in a child process (torchrun for several processes) and watch it.
+
+    code = run_engine(config_path, workdir, nproc=1, on_poll=upload_new_checkpoints)
+
+The child runs `python -m tasks.train.engine --config <json>` (or
+`python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.train.engine ...`)
+in a session of its own (start_new_session=True): a terminal's Ctrl-C or a
+signal to the stage's process group does not reach it directly; this module
+decides. Its pid is written to `<workdir>/engine.pid`.
+
+Stopping it: `stop(proc)` sends SIGTERM to the child's process group (the
+engine saves a checkpoint and exits with status 143; torchrun forwards it to
+its workers), waits `grace_seconds`, then SIGKILLs the group. `run_engine`
+does this whenever it leaves early: an exception (Prefect cancelling the task,
+KeyboardInterrupt, a failing on_poll), SIGTERM to the stage process when
+`run_engine` runs on the main thread (it is turned into an exception), and
+interpreter exit (atexit). `stop_all()` stops every child this process
+started, for a flow's on_cancellation / on_crashed hooks. If the stage process
+dies without any of that (kill -9), the engine notices its parent is gone
+(SLM_PARENT_PID) within a second, checkpoints and exits.
+
+A restart of the stage first stops a child left over from an earlier stage
+process (found by engine.pid, checked by its command line), so two trainers
+never write the same checkpoints.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+_RUNNING: dict[int, subprocess.Popen] = {}
+_LOCK = threading.Lock()
+PID_FILE = "engine.pid"
+
+
+def engine_command(config_path: Path, nproc: int = 1) -> list[str]:
+    engine = ["-m", "tasks.train.engine", "--config", str(config_path)]
+    if nproc <= 1:
+        return [sys.executable, *engine]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *engine]
+
+
+def _project_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(_project_root())
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["SLM_PARENT_PID"] = str(os.getpid())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _is_engine(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"tasks.train.engine" in cmdline
+
+
+def stop_leftover(workdir: Path, grace_seconds: float = 60.0) -> bool:
+    """Stop an engine still running from an earlier stage process (per engine.pid). True if one was."""
+    pid_file = Path(workdir) / PID_FILE
+    if not pid_file.exists():
+        return False
+    try:
+        pid = int(pid_file.read_text().strip())
+    except ValueError:
+        return False
+    if not (_alive(pid) and _is_engine(pid)):
+        return False
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        _signal_group(pid, signal.SIGKILL)
+    return True
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the child leads its own session, so its pgid is its pid
+    except ProcessLookupError:
+        pass
+
+
+def stop(proc: subprocess.Popen, grace_seconds: float = 60.0) -> int:
+    """SIGTERM the child's process group, wait up to grace_seconds, then SIGKILL it. Returns its status."""
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    with _LOCK:
+        _RUNNING.pop(proc.pid, None)
+    return proc.returncode
+
+
+def stop_all(grace_seconds: float = 60.0) -> None:
+    """Stop every engine child this process started (for flow cancel / crash hooks)."""
+    with _LOCK:
+        procs = list(_RUNNING.values())
+    for proc in procs:
+        stop(proc, grace_seconds)
+
+
+atexit.register(stop_all)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def run_engine(
+    config_path: Path,
+    workdir: Path,
+    nproc: int = 1,
+    on_poll: Callable[[], None] | None = None,
+    poll_seconds: float = 2.0,
+    grace_seconds: float = 60.0,
+    log_path: Path | None = None,
+) -> int:
+    """Start the engine, wait for it (calling on_poll every poll_seconds), return its exit status.
+
+    0 = finished, 143 = stopped after a checkpoint (engine.EXIT_STOPPED), other = failed.
+    stdout/stderr go to log_path if given (appended), else to this process's own.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stop_leftover(workdir, grace_seconds)
+    out = open(log_path, "ab") if log_path else None
+    proc = subprocess.Popen(
+        engine_command(config_path, nproc), cwd=str(_project_root()), env=_env(), start_new_session=True,
+        stdout=out, stderr=subprocess.STDOUT if out else None,
+    )
+    with _LOCK:
+        _RUNNING[proc.pid] = proc
+    (workdir / PID_FILE).write_text(str(proc.pid))
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def _raise(signum, frame):
+            raise _Terminated(f"signal {signal.Signals(signum).name}")
+
+        previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        while True:
+            try:
+                proc.wait(timeout=poll_seconds)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if on_poll:
+                on_poll()
+        if on_poll:
+            on_poll()
+        return proc.returncode
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        stop(proc, grace_seconds)
+        if out:
+            out.close()

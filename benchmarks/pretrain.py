@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--global-batch", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--measure", type=int, default=None)
+    p.add_argument("--engine-micro-batches", default="",
+                   help="comma-separated extra micro-batch sizes for the compiled engine (same global batch), "
+                        "e.g. 128,256: the baseline stays at --micro-batch")
     p.add_argument("--skip", default="", help="comma-separated rows to skip: eager,compiled,baseline")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
@@ -276,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_engine("engine eager", shape, shards, False, work, device))
     if "compiled" not in skip:
         rows.append(run_engine("engine compiled", shape, shards, True, work, device))
+    for size in (int(x) for x in args.engine_micro_batches.split(",") if x.strip()):
+        variant = Shape(shape.model, shape.seq_len, size, shape.global_batch, shape.warmup, shape.measure)
+        rows.append(run_engine(f"compiled mb{size}", variant, shards, True, work, device))
 
     peak = device_peak(device)
     fpt = mcfg.flops_per_token(shape.seq_len)

@@ -153,7 +153,15 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def run_engine(name: str, shape: Shape, shards: Path, compile: bool, work: Path, device) -> dict:
+class CausalNoDocMask(CausalLM):
+    """Diagnostic only (--probe nomask): plain causal attention across documents, to bound what
+    document masking costs. Not a training mode of the engine."""
+
+    def loss(self, model, batch):
+        return super().loss(model, {**batch, "document_ids": None})
+
+
+def run_engine(name: str, shape: Shape, shards: Path, compile: bool, work: Path, device, objective=None) -> dict:
     from model import Transformer
 
     torch._dynamo.reset()
@@ -165,7 +173,7 @@ def run_engine(name: str, shape: Shape, shards: Path, compile: bool, work: Path,
                       compile=compile, log_every=shape.warmup, ckpt_every=0, keep_last=1)
     mcfg = ModelConfig(**shape.model)
     reader = ShardReader.from_artifact(shards, "train", seed=0)
-    train(cfg, lambda: Transformer(mcfg), CausalLM(), PackedBatches(reader, shape.seq_len))
+    train(cfg, lambda: Transformer(mcfg), objective or CausalLM(), PackedBatches(reader, shape.seq_len))
     recs = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"][1:]  # drop the warm-up interval
     tps = sum(r["tokens_per_s"] for r in recs) / len(recs)
     return {"name": name, "tokens_per_s": tps, "peak_gib": peak_gib(device), "loss": recs[-1]["loss"]}
@@ -237,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-micro-batches", default="",
                    help="comma-separated extra micro-batch sizes for the compiled engine (same global batch), "
                         "e.g. 128,256: the baseline stays at --micro-batch")
+    p.add_argument("--probe", default="", help="diagnostic rows at the largest engine micro-batch: "
+                   "nomask (no document masking), cdt (inductor coordinate-descent tuning)")
     p.add_argument("--skip", default="", help="comma-separated rows to skip: eager,compiled,baseline")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
@@ -282,6 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     for size in (int(x) for x in args.engine_micro_batches.split(",") if x.strip()):
         variant = Shape(shape.model, shape.seq_len, size, shape.global_batch, shape.warmup, shape.measure)
         rows.append(run_engine(f"compiled mb{size}", variant, shards, True, work, device))
+    probes = {x.strip() for x in args.probe.split(",") if x.strip()}
+    sizes = [int(x) for x in args.engine_micro_batches.split(",") if x.strip()] or [shape.micro_batch]
+    variant = Shape(shape.model, shape.seq_len, max(sizes), shape.global_batch, shape.warmup, shape.measure)
+    if "nomask" in probes:
+        rows.append(run_engine("probe nomask", variant, shards, True, work, device, CausalNoDocMask()))
+    if "cdt" in probes:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
+        rows.append(run_engine("probe cdt", variant, shards, True, work, device))
 
     peak = device_peak(device)
     fpt = mcfg.flops_per_token(shape.seq_len)

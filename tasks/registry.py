@@ -26,6 +26,8 @@ _STAGE_MODULES = [
     "tasks.tokenizer",
     "tasks.shard",
     "tasks.pretrain",
+    "tasks.sft",
+    "tasks.dpo",
 ]
 
 

@@ -589,6 +589,7 @@ def run_from_config(spec: dict) -> dict:
       "train": {TrainConfig fields},
       "model": {"config": {ModelConfig fields}}          # from scratch
              | {"init_from": "/path/to/hf_dir"},         # continued pretraining (Qwen2/Qwen3 HF dir)
+               (either may add "lora": {rank, alpha, dropout, target_modules}: train LoRA adapters only)
       "data": {"builder": "module:function"}  (other data: function(data_spec, TrainConfig) -> (data, val))
             | {"train": [shard paths], "validation": [shard paths] (optional),
                "eos_id": int, "seed": int (reading order, default 0),
@@ -613,6 +614,11 @@ def run_from_config(spec: dict) -> dict:
     else:
         ModelConfig.from_dict(m["config"])  # fail early on a bad shape
         model_fn = lambda: Transformer(ModelConfig.from_dict(m["config"]))  # noqa: E731
+    if m.get("lora"):  # {rank, alpha, dropout, target_modules}: adapters only (tasks/train/lora.py)
+        from tasks.train.lora import apply_lora
+
+        plain_fn = model_fn
+        model_fn = lambda: apply_lora(plain_fn(), **m["lora"])  # noqa: E731
     obj_spec = dict(spec.get("objective") or {"name": "causal_lm"})
     name = obj_spec.pop("name")
     if name not in OBJECTIVES:

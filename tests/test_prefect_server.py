@@ -4,12 +4,12 @@ A `prefect server start` (SQLite, a temporary PREFECT_HOME, a free port on 127.0
 process work pool and worker, and `prefect deploy --all` of the repo's prefect.yaml, set up
 with the same code `make up` uses (scripts/services.py). The test runs deployment
 `slm/full-pipeline` on a profile whose sources are served by a loopback HTTP server, makes
-stage FAIL_AT fail once, waits for the flow run to be Failed, retries it as the UI does, and
+stage (fail_at) fail once, waits for the flow run to be Failed, retries it as the UI does, and
 checks that the retried run completes without redoing work that had finished.
 
-With FAIL_AT "download", one source answers 500 once (download retries=0); the other source's
+With fail_at "download", one source answers 500 once (download retries=0); the other source's
 file finished before the failure, and the retry must not fetch it again.
-With FAIL_AT a later stage (e.g. "extract"), a regular file at <artifact_root>/<FAIL_AT> makes
+With fail_at "extract", a regular file at <artifact_root>/extract makes
 that stage's mkdir fail (a real disk/permission failure) after download committed; it is
 removed before the retry, which must take download from Prefect's cache (task state Cached)
 and fetch nothing again.
@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The stage that fails once. Switch to "extract" (or any stage after download) once it is
 # registered: everything else follows from this line.
-FAIL_AT = "download"
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 RUN_TIMEOUT_S = 150.0
@@ -136,8 +135,9 @@ def _task_runs(stack: Stack, run_id: str) -> list[dict]:
     return stack.api.post("/task_runs/filter", json=body).raise_for_status().json()
 
 
-def test_ui_retry_resumes_failed_run_without_redoing_finished_work(prefect_stack, http_server, make_profile, slm_home):
-    flaky = FAIL_AT == "download"
+@pytest.mark.parametrize("fail_at", ["download", "extract"])
+def test_ui_retry_resumes_failed_run_without_redoing_finished_work(fail_at, prefect_stack, http_server, make_profile, slm_home):
+    flaky = fail_at == "download"
     paths = {name: f"/corpus/{name}.txt" for name in ("pos", "neg")}
     texts = {name: _real_text(name) for name in paths}
     sources = {}
@@ -147,14 +147,14 @@ def test_ui_retry_resumes_failed_run_without_redoing_finished_work(prefect_stack
         sources[name] = {"kind": "http", "url": url, "format": "lines"}
     profile = make_profile({"name": "retry-through-server", "runtime": {"workers": 1}, "sources": sources})
     overrides = ["stages.download.retries=0", "stages.download.backoff_seconds=0"]
-    blocker = slm_home / "artifacts" / FAIL_AT
+    blocker = slm_home / "artifacts" / fail_at
     if not flaky:  # a regular file where the stage's directory must go: its mkdir fails
         blocker.parent.mkdir(parents=True, exist_ok=True)
         blocker.write_text("in the way of the stage directory\n")
 
     api = prefect_stack.api
     deployment = api.get("/deployments/name/slm/full-pipeline").raise_for_status().json()
-    parameters = {"profile": str(profile), "overrides": overrides, "until": FAIL_AT}
+    parameters = {"profile": str(profile), "overrides": overrides, "until": fail_at}
     run = api.post(f"/deployments/{deployment['id']}/create_flow_run",
                    json={"parameters": parameters}).raise_for_status().json()
     run_id = run["id"]
@@ -189,17 +189,17 @@ def test_ui_retry_resumes_failed_run_without_redoing_finished_work(prefect_stack
     if not flaky:
         from tasks.registry import select
 
-        earlier = [s.name for s in select(until=FAIL_AT) if s.name != FAIL_AT]
+        earlier = [s.name for s in select(until=fail_at) if s.name != fail_at]
         for stage in earlier:
             assert states[stage][-1] == "Cached", states
-    assert states[FAIL_AT][-1] == "Completed", states
+    assert states[fail_at][-1] == "Completed", states
 
     # download's artifact holds both files, whole.
     manifests = list((slm_home / "artifacts" / "download").glob("*/_MANIFEST.json"))
     assert len(manifests) == 1, manifests
     files = {f["path"]: f["size"] for f in json.loads(manifests[0].read_text())["files"]}
     assert files == {f"{name}/{name}.txt": len(texts[name]) for name in paths}
-    assert list((slm_home / "artifacts" / FAIL_AT).glob("*/_MANIFEST.json")), "the failed stage was not committed"
+    assert list((slm_home / "artifacts" / fail_at).glob("*/_MANIFEST.json")), "the failed stage was not committed"
 
     # MLflow: the retry continued the flow run's parent run; it ends FINISHED.
     from mlflow.tracking import MlflowClient
@@ -210,6 +210,6 @@ def test_ui_retry_resumes_failed_run_without_redoing_finished_work(prefect_stack
     assert [p.info.status for p in parents] == ["FINISHED"]
     stage_runs = client.search_runs([experiment.experiment_id],
                                     f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' "
-                                    f"and tags.`slm.stage` = '{FAIL_AT}'")
+                                    f"and tags.`slm.stage` = '{fail_at}'")
     # (a stage that cannot even open its directory fails before its MLflow run starts)
     assert sorted(r.info.status for r in stage_runs) == (["FAILED", "FINISHED"] if flaky else ["FINISHED"])

@@ -28,6 +28,8 @@ _STAGE_MODULES = [
     "tasks.pretrain",
     "tasks.sft",
     "tasks.dpo",
+    "tasks.eval",
+    "tasks.export",
 ]
 
 

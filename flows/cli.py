@@ -89,6 +89,9 @@ def cmd_run(args) -> int:
     print("\nartifacts:")
     for stage, uri in made.items():
         print(f"  {stage}: {uri}")
+    if "export" in made and "://" not in made["export"]:
+        print(f"chat:       .venv/bin/slm chat --model {made['export']}/hf   "
+              f"(or `slm serve --model ...` for the API and web page)")
     print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{project_home() / 'mlflow.db'} "
           "--host 127.0.0.1   (or `make up`, then http://127.0.0.1:5000)")
     print("Prefect UI: `make up`, then http://127.0.0.1:4200")

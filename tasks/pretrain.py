@@ -34,11 +34,12 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from profiles.schema import Strict
 from storage.errors import SlmError
 from tasks.registry import Stage, StageResult
+from tasks.train.settings import EngineSettings
 
 STAGE_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -64,47 +65,25 @@ class ModelShape(Strict):
     init_std: float = Field(0.02, gt=0)
 
 
-class PretrainSettings(Strict):
+class PretrainSettings(EngineSettings):
     """Defaults: a small model that trains in a few minutes on a laptop CPU (the demo);
-    profiles/zh-64m.yaml shows the one-GPU scale."""
+    profiles/zh-64m.yaml shows the one-GPU scale. `model` is unused with `init_from`."""
 
-    init_from: str | None = None  # a Qwen2/Qwen3 HF directory to continue from; `model` is then unused
     model: ModelShape = ModelShape()
-    seq_len: int = Field(128, ge=8)  # tokens per row
-    global_batch: int = Field(16, ge=1)  # rows per optimizer step
     steps: int = Field(200, ge=1)
     lr: float = Field(2e-3, gt=0)
     schedule: Literal["wsd", "cosine", "constant"] = "wsd"
     warmup_steps: int = Field(20, ge=0)
     decay_fraction: float = Field(0.2, ge=0, le=1)  # wsd: last share of the steps spent decaying
     decay_shape: Literal["linear", "sqrt"] = "sqrt"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
-    grad_clip: float = Field(1.0, ge=0)
-    seed: int = 0  # initialisation and data order
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     eval_every: int = Field(100, ge=0)  # 0 -> only at the end
     eval_tokens: int = Field(50_000, ge=1)  # validation tokens per evaluation
-    # runtime knobs: where and how fast, not what is trained; kept out of the key
-    micro_batch: int = Field(16, ge=1, exclude=True)  # rows per device per forward (accumulation)
+    # runtime knobs, kept out of the key
+    micro_batch: int = Field(16, ge=1, exclude=True)
     nproc: int = Field(0, ge=0, exclude=True)  # processes; 0 -> every visible GPU, or 1 without one
     parallel: Literal["ddp", "fsdp"] = Field("ddp", exclude=True)
-    compile: bool | None = Field(None, exclude=True)  # torch.compile; None -> on CUDA only
-    log_every: int = Field(10, ge=1, exclude=True)
-    ckpt_every: int = Field(50, ge=0, exclude=True)  # 0 -> only at the end and on a stop signal
-    keep_last: int = Field(2, ge=1, exclude=True)
-    threads: int = Field(0, ge=0, exclude=True)  # CPU threads of the engine; 0 -> torch's default
-    grace_seconds: float = Field(120.0, gt=0, exclude=True)  # for the final checkpoint after SIGTERM
-
-    @model_validator(mode="after")
-    def _batches(self):
-        if self.global_batch % self.micro_batch:
-            raise ValueError(f"global_batch {self.global_batch} must be a multiple of micro_batch {self.micro_batch}")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps {self.warmup_steps} is more than steps {self.steps}")
-        return self
 
 
 class PretrainConfig(PretrainSettings):

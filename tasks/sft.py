@@ -42,11 +42,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from profiles.schema import Strict
 from storage.errors import SlmError
 from tasks.registry import Stage, StageResult
+from tasks.train.settings import EngineSettings
 
 STAGE_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -73,42 +74,17 @@ class LoraSettings(Strict):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Linear names (or regexes)
 
 
-class TrainSettings(Strict):
+class TrainSettings(EngineSettings):
     """What the fine-tuning stages share (SFT, DPO): the engine's knobs at chat-data scale."""
 
-    init_from: str | None = None  # an HF Qwen2/Qwen3 directory; None -> the upstream stage's model
     lora: LoraSettings | None = None  # None -> full fine-tuning
     seq_len: int = Field(256, ge=8)  # tokens per row (and the longest conversation kept, + 1)
-    global_batch: int = Field(16, ge=1)
-    steps: int = Field(100, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    schedule: Literal["wsd", "cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    seed: int = 0
     val_fraction: float = Field(0.05, gt=0, lt=1)  # share of records held out
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    eval_every: int = Field(0, ge=0)
     # runtime knobs, kept out of the key
-    micro_batch: int = Field(8, ge=1, exclude=True)
     nproc: int = Field(1, ge=1, exclude=True)
-    compile: bool | None = Field(None, exclude=True)
-    log_every: int = Field(10, ge=1, exclude=True)
-    ckpt_every: int = Field(50, ge=0, exclude=True)
-    keep_last: int = Field(2, ge=1, exclude=True)
-    threads: int = Field(0, ge=0, exclude=True)
     deterministic: bool = Field(False, exclude=True)  # bitwise-reproducible resume on CPU
-    grace_seconds: float = Field(120.0, gt=0, exclude=True)
-
-    @model_validator(mode="after")
-    def _batches(self):
-        if self.global_batch % self.micro_batch:
-            raise ValueError(f"global_batch {self.global_batch} must be a multiple of micro_batch {self.micro_batch}")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps {self.warmup_steps} is more than steps {self.steps}")
-        return self
 
 
 class SftSettings(TrainSettings):

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from model import ModelConfig  # noqa: E402
 from tasks.shard_reader import ShardReader  # noqa: E402
 from tasks.train.data import PackedBatches  # noqa: E402
-from tasks.train.engine import PEAK_FLOPS, TrainConfig, read_metrics, train  # noqa: E402
+from tasks.train.engine import TrainConfig, device_peak_flops, read_metrics, train  # noqa: E402
 from tasks.train.objectives import CausalLM  # noqa: E402
 
 ZH_64M = dict(vocab_size=6400, hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=96,
@@ -134,13 +134,6 @@ def build_shards(data_dir: Path, home: Path, vocab_size: int, max_chars: int) ->
 
 
 # --------------------------------------------------------------------------- runs
-
-
-def device_peak(device: torch.device) -> float:
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
 
 
 def reset_memory(device: torch.device) -> None:
@@ -303,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         inductor_config.coordinate_descent_tuning = True
         rows.append(run_engine("probe cdt", variant, shards, True, work, device))
 
-    peak = device_peak(device)
+    peak = device_peak_flops(device)
     fpt = mcfg.flops_per_token(shape.seq_len)
     base = next((r["tokens_per_s"] for r in rows if r["name"] == "hf baseline"), None)
     print(f"\n{'run':<18}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'vs hf':>8}{'loss':>8}")

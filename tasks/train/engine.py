@@ -274,13 +274,16 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float:
-    if cfg.peak_flops:
-        return cfg.peak_flops
+def device_peak_flops(device: torch.device) -> float:
+    """bf16 dense peak of a known GPU (for MFU); 0 for CPUs and unknown devices."""
     if device.type != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+
+def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float:
+    return cfg.peak_flops or device_peak_flops(device)
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -40,7 +40,7 @@ from pydantic import Field
 from profiles.schema import Strict
 from storage.errors import SlmError
 from tasks.registry import Stage, StageResult
-from tasks.sft import (TrainSettings, data_files, engine_spec, export, file_digest, held_out, load_tokenizer,
+from tasks.sft import (TrainSettings, data_files, engine_spec, export, held_out, keyed_config, load_tokenizer,
                        model_dir, run_training, tokenizer_dir)
 
 STAGE_VERSION = 1
@@ -197,18 +197,7 @@ def engine_data(dspec: dict, cfg):
 
 
 def config(profile) -> DpoConfig:
-    from tasks.pretrain import init_digest
-
-    s = profile.stages.dpo
-    digests = []
-    for n, entry in enumerate(s.data):
-        try:
-            files = data_files(entry, f"stages.dpo.data[{n}]")
-        except SlmError:
-            files = []
-        digests += [[str(p), file_digest(p)] for p in files]
-    values = {name: getattr(s, name) for name in DpoSettings.model_fields}
-    return DpoConfig(**values, init_digest=init_digest(s.init_from) if s.init_from else None, data_digests=digests)
+    return keyed_config("dpo", profile.stages.dpo, DpoConfig)
 
 
 def read_pairs(cfg: DpoConfig) -> tuple[list, list[dict]]:

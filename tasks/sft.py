@@ -371,19 +371,25 @@ def heldout_loss(model_path: Path, docs, seq_len: int, pad_id: int) -> float:
 # --------------------------------------------------------------------------- the stage
 
 
-def config(profile) -> SftConfig:
+def keyed_config(stage: str, settings, config_cls):
+    """A fine-tuning stage's config: its settings plus what its inputs hold now (the sha256 of
+    each data file, the digest of `init_from`), so changed data or a changed model reruns it."""
     from tasks.pretrain import init_digest
 
-    s = profile.stages.sft
     digests = []
-    for n, entry in enumerate(s.data):
+    for n, entry in enumerate(settings.data):
         try:
-            files = data_files(entry, f"stages.sft.data[{n}]")
-        except SftError:
+            files = data_files(entry, f"stages.{stage}.data[{n}]")
+        except SlmError:
             files = []  # reported when the stage runs
         digests += [[str(p), file_digest(p)] for p in files]
-    values = {name: getattr(s, name) for name in SftSettings.model_fields}
-    return SftConfig(**values, init_digest=init_digest(s.init_from) if s.init_from else None, data_digests=digests)
+    values = {name: getattr(settings, name) for name in type(settings).model_fields}
+    init = init_digest(settings.init_from) if settings.init_from else None
+    return config_cls(**values, init_digest=init, data_digests=digests)
+
+
+def config(profile) -> SftConfig:
+    return keyed_config("sft", profile.stages.sft, SftConfig)
 
 
 def prepare(convs: list[list[dict]], tok, seq_len: int, val_fraction: float, seed: int):

@@ -140,13 +140,18 @@ def _decode(line: bytes, key: str) -> str | Bad:
                    line.decode("utf-8", "replace"))
 
 
-def _lines(path, start, end, max_chars):
+def _text_lines(path, start, end, max_chars) -> Iterator[tuple[str, str | Bad]]:
+    """(key, decoded line) per line of the range; over-long or invalid UTF-8 lines come as Bad."""
     for offset, raw in _raw_lines(path, start, end, max_chars):
         key = str(offset)
         if raw is None:
-            yield Bad("too-long", key, f"line longer than {_line_limit(max_chars)} bytes")
-            continue
-        text = _decode(raw, key)
+            yield key, Bad("too-long", key, f"line longer than {_line_limit(max_chars)} bytes")
+        else:
+            yield key, _decode(raw, key)
+
+
+def _lines(path, start, end, max_chars):
+    for key, text in _text_lines(path, start, end, max_chars):
         if isinstance(text, Bad):
             yield text
         elif text.strip():
@@ -154,12 +159,7 @@ def _lines(path, start, end, max_chars):
 
 
 def _jsonl(path, start, end, max_chars):
-    for offset, raw in _raw_lines(path, start, end, max_chars):
-        key = str(offset)
-        if raw is None:
-            yield Bad("too-long", key, f"line longer than {_line_limit(max_chars)} bytes")
-            continue
-        line = _decode(raw, key)
+    for key, line in _text_lines(path, start, end, max_chars):
         if isinstance(line, Bad):
             yield line
             continue

@@ -370,6 +370,16 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states (B, T, hidden) that `forward` projects to logits; what
+        scalar heads (reward model, PPO value head) read. Sets `aux_loss` as forward does."""
         B, T = input_ids.shape
         mask = None
         if document_ids is not None:
@@ -387,7 +397,7 @@ class Transformer(nn.Module):
             if a is not None:
                 aux.append(a)
         self.aux_loss = torch.stack(aux).mean() if aux else torch.zeros((), device=x.device)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

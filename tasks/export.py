@@ -1,6 +1,6 @@
 """export: the pipeline's final model as files people run: HF, GGUF (llama.cpp / Ollama), int8 for CPUs.
 
-Reads   the HF directory of the last model stage (the last of tasks.eval.MODEL_STAGES: dpo), and the
+Reads   the HF directory of the pipeline's final chat model (SOURCE below), and the
         shard stage's validation split with the
         tokenizer stage's tokenizer.json, to measure what each format costs in perplexity.
 Writes  hf/                     config.json, model.safetensors in `hf_dtype`, tokenizer files: loads with
@@ -35,7 +35,7 @@ from tasks.eval import MODEL_STAGES, heldout_loss, heldout_rows, model_dir
 from tasks.registry import Stage, StageResult
 
 STAGE_VERSION = 1
-SOURCE = list(MODEL_STAGES)[-1]  # the pipeline's final model
+SOURCE = "dpo"  # the pipeline's final chat model (the end of the policy chain sft -> dpo -> ...)
 
 
 class ExportSettings(Strict):

@@ -26,6 +26,9 @@ class TrackingSettings(Strict):
     uri: str | None = None  # MLflow tracking URI; default sqlite:///<home>/mlflow.db
     experiment: str = "slm"
     enabled: bool = True
+    # A stage that makes a model (its result names an `hf_dir`) also logs that HF directory as an
+    # MLflow LoggedModel of its run (a copy in MLflow's artifact store: off saves the disk).
+    log_models: bool = True
 
 
 class RuntimeSettings(Strict):

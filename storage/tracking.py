@@ -80,6 +80,19 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, path, artifact_path)
 
+    def log_model(self, run_id: str, name: str, local_dir: str, params: dict[str, str]) -> str:
+        """An HF model directory -> an MLflow 3 LoggedModel linked to `run_id` (READY once every
+        file is copied, FAILED if the copy breaks). Returns the model id."""
+        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id,
+                                                params=params, model_type="hf-causal-lm")
+        try:
+            self.client.log_model_artifacts(model.model_id, local_dir)
+        except BaseException:
+            self.client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
+
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
 

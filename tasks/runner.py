@@ -15,6 +15,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path, PurePosixPath
 
 from profiles.schema import ProfileBase
 from storage.artifacts import SCRATCH, ArtifactStore
@@ -120,11 +121,24 @@ def run_stage(
         for rel in out.logged:
             folder = rel.rpartition("/")[0] or None
             tracker.log_artifact(run_id, str(store.local_path(manifest, rel)), folder)
+        hf_dir = result.extra.get("hf_dir")
+        if isinstance(hf_dir, str) and profile.tracking.log_models and manifest.files_under(hf_dir):
+            model_id = tracker.log_model(run_id, stage.name, str(local_dir(store, manifest, hf_dir)),
+                                         {"slm.key": key, "slm.profile": profile.name})
+            tracker.set_tag(run_id, "slm.model_id", model_id)
         if result.summary:
             tracker.set_tag(run_id, "mlflow.note.content", result.summary)
         tracker.set_tag(run_id, "slm.artifact", store.uri(stage.name, key))
         tracker.finish(run_id, ok=True)
     return manifest
+
+
+def local_dir(store: ArtifactStore, manifest: Manifest, rel_dir: str) -> Path:
+    """A local copy of one directory of a committed artifact (its files fetched and checked if remote)."""
+    entries = manifest.files_under(rel_dir)
+    paths = [store.local_path(manifest, e.path) for e in entries]
+    depth = len(PurePosixPath(entries[0].path).relative_to(rel_dir).parts)
+    return paths[0].parents[depth - 1]
 
 
 def upstream_manifests(stage: Stage, store: ArtifactStore, keys: dict[str, str], have: dict[str, Manifest]) -> dict[str, Manifest]:

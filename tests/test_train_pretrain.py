@@ -61,7 +61,7 @@ def upstream(tmp_path_factory):
     return home, profile, store, {"tokenizer": tok, "shard": shard}
 
 
-def test_killed_stage_resumes_and_exports_a_model_transformers_loads(upstream, monkeypatch):
+def test_killed_stage_resumes_and_exports_a_model_transformers_loads(upstream, monkeypatch, tmp_path):
     home, profile, store, inputs = upstream
     stage = all_stages()["pretrain"]
     (home / "inputs.json").write_text(json.dumps({k: m.model_dump(mode="json") for k, m in inputs.items()}))
@@ -119,6 +119,17 @@ def test_killed_stage_resumes_and_exports_a_model_transformers_loads(upstream, m
         assert name in run.data.metrics, name
     history = tracker.client.get_metric_history(manifest.mlflow_run_id, "loss")
     assert sorted(m.step for m in history) == list(range(5, STEPS + 1, 5))  # no duplicates from the killed attempt
+
+    # the model is an MLflow LoggedModel of the stage's run, its files equal to the artifact's hf/
+    import mlflow
+
+    model_id = run.data.tags["slm.model_id"]
+    logged = tracker.client.get_logged_model(model_id)
+    assert logged.source_run_id == manifest.mlflow_run_id and logged.status.to_proto() == 2  # READY
+    mlflow.set_tracking_uri(tracker.uri)
+    copy = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(tmp_path / "logged")))
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (copy / name).read_bytes() == store.local_path(manifest, f"hf/{name}").read_bytes(), name
 
     # the export loads in stock transformers and gives our model's logits
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -11,7 +11,16 @@ from prefect import flow
 from flows.pipeline import run_pipeline
 
 
-@flow(name="slm", log_prints=True)
+def stop_training(flow, flow_run, state) -> None:
+    """Cancel / crash hook: stop the training processes this flow-run process started. Each gets
+    SIGTERM, saves a checkpoint and exits (a rerun resumes from it); one that does not exit within
+    its grace period is killed with its process group."""
+    from tasks.train.launch import stop_all
+
+    stop_all()
+
+
+@flow(name="slm", log_prints=True, on_cancellation=[stop_training], on_crashed=[stop_training])
 def slm(profile: str = "demo", overrides: list[str] | None = None, until: str | None = None,
         only: str | None = None) -> dict[str, str]:
     return run_pipeline("slm", profile, overrides, until=until, only=only)

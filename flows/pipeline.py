@@ -15,7 +15,7 @@ from prefect import task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
 from profiles.loader import load_profile
-from profiles.schema import ProfileBase, profile_model
+from profiles.schema import ProfileBase
 from storage.home import project_home
 from storage.keys import short
 from storage.manifest import Manifest
@@ -24,8 +24,9 @@ from tasks.runner import compute_keys, open_store, open_tracker, run_stage, upst
 
 
 @task(persist_result=True)
-def stage_task(stage_name: str, profile_data: dict, inputs: dict[str, Manifest], parent_run_id: str | None) -> Manifest:
-    profile = profile_model().model_validate(profile_data)
+def stage_task(stage_name: str, profile: ProfileBase, inputs: dict[str, Manifest], parent_run_id: str | None) -> Manifest:
+    # The profile object itself, not model_dump(): a dump drops the runtime knobs (fields with
+    # exclude=True, kept out of stage keys), so micro_batch, nproc, log_every... would be lost.
     stage = all_stages()[stage_name]
     return run_stage(stage, profile, inputs, open_store(profile), open_tracker(profile), parent_run_id)
 
@@ -61,7 +62,6 @@ def run_pipeline(
     storage = result_storage(profile)
     tracker = open_tracker(profile)
     parent = tracker.pipeline_run(flow_run.get_id(), profile.name, flow_name) if tracker else None
-    profile_data = profile.model_dump(mode="json")
     manifests: dict[str, Manifest] = {}
     ok = False
     try:
@@ -76,7 +76,7 @@ def run_pipeline(
                 result_storage=storage,
                 refresh_cache=not committed,
             )
-            manifests[stage.name] = runner(stage.name, profile_data, inputs, parent)
+            manifests[stage.name] = runner(stage.name, profile, inputs, parent)
         ok = True
     finally:
         if tracker and parent:

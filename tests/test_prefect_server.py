@@ -213,3 +213,63 @@ def test_ui_retry_resumes_failed_run_without_redoing_finished_work(fail_at, pref
                                     f"and tags.`slm.stage` = '{fail_at}'")
     # (a stage that cannot even open its directory fails before its MLflow run starts)
     assert sorted(r.info.status for r in stage_runs) == (["FAILED", "FINISHED"] if flaky else ["FINISHED"])
+
+
+def test_cancel_from_the_ui_stops_training_with_a_checkpoint(prefect_stack, http_server, make_profile, slm_home):
+    """Cancel a flow run while `pretrain` trains: the engine (its own process session) must not
+    outlive the flow run, it saves a checkpoint on the way out, and a new run resumes from it."""
+    sources = {name: {"kind": "http", "url": http_server.add(f"/corpus/{name}.txt", _real_text(name)), "format": "lines"}
+               for name in ("pos", "neg")}
+    profile = make_profile({
+        "name": "cancel-through-server", "runtime": {"workers": 1}, "sources": sources,
+        "stages": {"tokenizer": {"vocab_size": 512, "sample_chars": 100_000, "heldout_chars": 0},
+                   "pretrain": {"model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                                          "intermediate_size": 64},
+                                "seq_len": 32, "global_batch": 4, "micro_batch": 4, "steps": 1_000_000,
+                                "warmup_steps": 0, "ckpt_every": 0, "log_every": 50, "eval_every": 0}},
+    })
+    api = prefect_stack.api
+    deployment = api.get("/deployments/name/slm/full-pipeline").raise_for_status().json()
+    run_id = api.post(f"/deployments/{deployment['id']}/create_flow_run",
+                      json={"parameters": {"profile": str(profile), "until": "pretrain"}}).raise_for_status().json()["id"]
+
+    deadline, metrics = time.monotonic() + RUN_TIMEOUT_S, None
+    while time.monotonic() < deadline:  # until the engine has trained a few logged steps
+        found = list((slm_home / "artifacts" / "pretrain").glob("*.partial/_work/engine/metrics.jsonl"))
+        if found and '"kind": "train"' in found[0].read_text():
+            metrics = found[0]
+            break
+        assert api.get(f"/flow_runs/{run_id}").json()["state_type"] not in FINAL, prefect_stack.logs_tail()
+        time.sleep(0.5)
+    assert metrics is not None, f"the engine never trained\n{prefect_stack.logs_tail()}"
+    engine_pid = int((metrics.parent / "engine.pid").read_text())
+    from tasks.train.launch import _alive
+
+    assert _alive(engine_pid)
+
+    # what the UI's "Cancel" button sends
+    state = {"type": "CANCELLING", "name": "Cancelling", "message": "Cancel from the UI"}
+    api.post(f"/flow_runs/{run_id}/set_state", json={"state": state, "force": True}).raise_for_status()
+    final = _wait_final(prefect_stack, run_id)
+    assert final["state_type"] == "CANCELLED", f"{final['state_name']}\n{prefect_stack.logs_tail()}"
+    deadline = time.monotonic() + 60
+    while _alive(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(engine_pid), "the training process outlived its cancelled flow run"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    stops = [r for r in records if r["kind"] == "checkpoint" and r["reason"].startswith("stop")]
+    assert stops, records[-3:]
+
+    # a new run of the same profile continues from that checkpoint
+    run2 = api.post(f"/deployments/{deployment['id']}/create_flow_run",
+                    json={"parameters": {"profile": str(profile), "until": "pretrain"}}).raise_for_status().json()["id"]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        resumed = [json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "resume"' in line]
+        if resumed:
+            break
+        time.sleep(0.5)
+    assert resumed and resumed[0]["step"] == stops[-1]["step"], prefect_stack.logs_tail()
+    state = {"type": "CANCELLING", "name": "Cancelling", "message": "done"}
+    api.post(f"/flow_runs/{run2}/set_state", json={"state": state, "force": True}).raise_for_status()
+    assert _wait_final(prefect_stack, run2)["state_type"] == "CANCELLED"

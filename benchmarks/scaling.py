@@ -7,9 +7,9 @@ DIR is a shard artifact (benchmarks/pretrain.py --build-shards makes one). Each 
 engine's own command line (tasks.train.launch.engine_command: `python -m torch.distributed.run
 --standalone --nproc-per-node=N -m tasks.train.engine --config run.json`), the zh-64m shape, seq
 512, a global batch of 256 rows split evenly over the processes (micro-batch 256 / N, no
-accumulation), the same seed and data order, compiled, bf16 autocast, a loss logged every step.
+accumulation), the same seed and data order, compiled, bf16 autocast.
 The table: tokens/s after warm-up, speedup over one GPU, and the largest difference of the
-per-step training loss to the one-GPU run over the first --compare steps (the same rows go
+training loss (mean over each --log-every steps) to the one-GPU run over the first --compare steps (the same rows go
 through the same weights; only float summation order differs, so the curves agree to bf16 noise).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tasks.train.engine import read_metrics  # noqa: E402
 from tasks.train.launch import engine_command  # noqa: E402
 
 
-def run(name: str, shards: Path, nproc: int, parallel: str, steps: int, work: Path, smoke: bool) -> list[dict]:
+def run(name: str, shards: Path, nproc: int, parallel: str, steps: int, log_every: int, work: Path, smoke: bool) -> list[dict]:
     manifest = json.loads((shards / "_MANIFEST.json").read_text())
     files = [str(shards / s["path"]) for s in manifest["extra"]["shards"] if s["split"] == "train"]
     out = work / name
@@ -39,7 +39,7 @@ def run(name: str, shards: Path, nproc: int, parallel: str, steps: int, work: Pa
         "train": {"out_dir": str(out), "steps": steps, "seq_len": 64 if smoke else 512, "micro_batch": (8 if smoke else 256) // nproc,
                   "global_batch": 8 if smoke else 256, "lr": 1e-3, "warmup_steps": min(10, steps), "schedule": "constant",
                   "compile": not smoke, "parallel": parallel,
-                  "log_every": 1, "ckpt_every": 0, "keep_last": 1, "seed": 0},
+                  "log_every": log_every, "ckpt_every": 0, "keep_last": 1, "seed": 0},
         "model": {"config": {**(SMOKE if smoke else ZH_64M), "vocab_size": ZH_64M["vocab_size"]}},
         "data": {"train": files, "eos_id": int(manifest["extra"].get("eos_id", 0)), "seed": 0},
         "objective": {"name": "causal_lm"},
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", default="ddp", help="comma-separated: ddp, fsdp")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--compare", type=int, default=20, help="steps whose losses are compared with one GPU")
+    p.add_argument("--log-every", type=int, default=5, help="steps per logged loss (each log is a host sync: "
+                   "1 makes every step wait for the GPU and hides the data work less)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (gloo): checks the script")
     args = p.parse_args(argv)
@@ -73,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         for n in nprocs:
             name = "1 gpu" if n == 1 else f"{n} gpus {parallel}"
             if name not in runs:
-                runs[name] = (n, run(name.replace(" ", "-"), args.shards, n, parallel, args.steps, work, args.smoke))
-    skip = args.steps // 3  # compilation and warm-up
+                runs[name] = (n, run(name.replace(" ", "-"), args.shards, n, parallel, args.steps, args.log_every, work,
+                                     args.smoke))
+    skip = args.steps // 3 // args.log_every  # logged intervals of compilation and warm-up
+    compare = max(1, args.compare // args.log_every)
     one = runs.get("1 gpu")
     print(f"\n{torch.cuda.get_device_name(0) if gpus else 'cpu'} x{gpus}, torch {torch.__version__}; zh-64m, seq 512, "
-          f"global batch 256, {args.steps} steps (tokens/s over the last {args.steps - skip})")
+          f"global batch 256, {args.steps} steps (tokens/s over the last {args.steps - skip * args.log_every}; "
+          f"losses: means over {args.log_every} steps)")
     print(f"{'run':<16}{'tokens/s':>12}{'speedup':>9}{'max |loss diff|':>17}  first losses")
     rows = []
     for name, (n, recs) in runs.items():
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         base = None
         if one:
             base = sum(r["tokens_per_s"] for r in one[1][skip:]) / len(one[1][skip:])
-        diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(recs[:args.compare], one[1][:args.compare])) if one else float("nan")
+        diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(recs[:compare], one[1][:compare])) if one else float("nan")
         first = " ".join(f"{r['loss']:.4f}" for r in recs[:5])
         print(f"{name:<16}{tps:>12,.0f}{(tps / base if base else float('nan')):>8.2f}x{diff:>17.4f}  {first}")
         rows.append({"name": name, "nproc": n, "tokens_per_s": tps, "speedup": tps / base if base else None,

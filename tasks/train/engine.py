@@ -326,7 +326,8 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, d: Dist) -> torch.nn.Mo
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    # gradient_as_bucket_view: the grads are views into DDP's all-reduce buckets (no copy in or out)
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
 def _sync_context(model: torch.nn.Module, cfg: TrainConfig, d: Dist, last: bool):

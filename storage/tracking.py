@@ -11,6 +11,7 @@ no credentials (tokens and keys come from the environment).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 MAX_PARAM_CHARS = 500
@@ -73,7 +74,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step or 0) for k, v in values.items()]
+        metrics = [Metric(re.sub(r"[^\w\-. :/]", "_", k), float(v), now, step or 0) for k, v in values.items()]  # MLflow's name charset
         for start in range(0, len(metrics), 500):
             self.client.log_batch(run_id, metrics=metrics[start : start + 500])
 

@@ -269,7 +269,8 @@ def encode_conversation(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np
 
 def encode_prompt(tokenizer, prompt: list[dict]) -> np.ndarray:
     """The prompt's ids with the assistant header the reply follows (add_generation_prompt)."""
-    return np.asarray(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True), dtype=np.int32)
+    return np.asarray(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False),
+                      dtype=np.int32)
 
 
 def encode_reply(tokenizer, prompt_ids: np.ndarray, prompt: list[dict], reply: str) -> tuple[np.ndarray, np.ndarray]:

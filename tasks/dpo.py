@@ -200,12 +200,13 @@ def config(profile) -> DpoConfig:
     return keyed_config("dpo", profile.stages.dpo, DpoConfig)
 
 
-def read_pairs(cfg: DpoConfig) -> tuple[list, list[dict]]:
+def read_pairs(cfg: DpoConfig, stage: str = "dpo") -> tuple[list, list[dict]]:
+    """The pairs of cfg.data (any config with `data` and `seed`; `stage` names it in errors) + quarantine."""
     from tasks.chat_data import load_conversations, load_pairs
 
     pairs, bad = [], []
     for n, entry in enumerate(cfg.data):
-        files = [str(p) for p in data_files(entry, f"stages.dpo.data[{n}]")]
+        files = [str(p) for p in data_files(entry, f"stages.{stage}.data[{n}]")]
         if entry.format == "preference":
             p, b = load_pairs(files)
         else:

@@ -64,7 +64,7 @@ STAGE_VERSION = 1
 # Every stage that makes a model, in pipeline order, and how its generations are prompted: "base"
 # continues the prompt, "chat" answers it as a user turn through the chat template. A new model
 # stage (distill, ...) joins here; export takes the last one.
-MODEL_STAGES = {"pretrain": "base", "sft": "chat", "dpo": "chat"}
+MODEL_STAGES = {"pretrain": "base", "sft": "chat", "dpo": "chat", "ppo": "chat", "grpo": "chat", "distill": "chat", "distill_sft": "chat"}
 LETTERS = ("A", "B", "C", "D")
 DEFAULT_PROMPTS = (
     "中国的首都是",

@@ -28,6 +28,8 @@ _STAGE_MODULES = [
     "tasks.pretrain",
     "tasks.sft",
     "tasks.dpo",
+    "tasks.reward", "tasks.ppo", "tasks.grpo",
+    "tasks.distill", "tasks.distill_data", "tasks.distill_sft",
     "tasks.eval",
     "tasks.export",
 ]

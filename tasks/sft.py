@@ -200,6 +200,16 @@ def _row(docs, order, seq_len: int, pad_id: int):
     return inp, tgt, doc
 
 
+def with_weights(batch: dict[str, np.ndarray], token_weights: dict[int, float] | None) -> dict[str, np.ndarray]:
+    """Add "weights" (float32, like targets): token_weights[t] where the target is t, else 1."""
+    if not token_weights:
+        return batch
+    weights = np.ones(batch["targets"].shape, dtype=np.float32)
+    for token, w in token_weights.items():
+        weights[batch["targets"] == token] = w
+    return {**batch, "weights": weights}
+
+
 class PackedChats:
     """Training batches of packed conversations, for the engine (next_batch / state_dict).
 
@@ -207,10 +217,12 @@ class PackedChats:
     per-epoch permutation of (seed, epoch) and packed greedily: one that does not fit in what is
     left of a row starts the next row. Cursor = the order's (epoch, index) + the pending one.
     next_batch(rows) -> input_ids int32, targets int64 (-100 off the assistant tokens and on
-    padding), document_ids int32, all (rows, seq_len).
+    padding), document_ids int32, all (rows, seq_len); with `token_weights` ({token id: weight})
+    also weights float32 (rows, seq_len): that weight where the target is such a token, else 1
+    (objectives.py: the loss of a target counts `weight` times).
     """
 
-    def __init__(self, docs, seq_len: int, pad_id: int, seed: int):
+    def __init__(self, docs, seq_len: int, pad_id: int, seed: int, token_weights: dict[int, float] | None = None):
         from tasks.train.data import ArrayDocuments
 
         if not docs:
@@ -218,7 +230,7 @@ class PackedChats:
         too_long = [i for i, (ids, _) in enumerate(docs) if len(ids) - 1 > seq_len]
         if too_long:
             raise ValueError(f"conversation {too_long[0]} is longer than seq_len + 1; cut it first (chat_data.fit_length)")
-        self.docs, self.seq_len, self.pad_id = docs, seq_len, pad_id
+        self.docs, self.seq_len, self.pad_id, self.token_weights = docs, seq_len, pad_id, token_weights
         self.order = ArrayDocuments([np.array([i]) for i in range(len(docs))], loop=True, shuffle_seed=seed)
         self.pending = -1
 
@@ -242,7 +254,8 @@ class PackedChats:
                 room -= n
             for part, arr in zip(out, _row(self.docs, chosen, self.seq_len, self.pad_id)):
                 part.append(arr)
-        return {"input_ids": np.stack(out[0]), "targets": np.stack(out[1]), "document_ids": np.stack(out[2])}
+        batch = {"input_ids": np.stack(out[0]), "targets": np.stack(out[1]), "document_ids": np.stack(out[2])}
+        return with_weights(batch, self.token_weights)
 
     def state_dict(self) -> dict:
         return {"order": self.order.state_dict(), "pending": self.pending}
@@ -257,7 +270,7 @@ class ChatValidation:
 
     num_bytes = 0  # no bits per byte: the loss is per assistant token
 
-    def __init__(self, docs, seq_len: int, pad_id: int):
+    def __init__(self, docs, seq_len: int, pad_id: int, token_weights: dict[int, float] | None = None):
         rows, current, room = [], [], seq_len
         for i, (ids, _) in enumerate(docs):
             n = len(ids) - 1
@@ -269,7 +282,8 @@ class ChatValidation:
         if current:
             rows.append(current)
         parts = [_row(docs, r, seq_len, pad_id) for r in rows]
-        self.batch = {k: np.stack([p[j] for p in parts]) for j, k in enumerate(("input_ids", "targets", "document_ids"))}
+        batch = {k: np.stack([p[j] for p in parts]) for j, k in enumerate(("input_ids", "targets", "document_ids"))}
+        self.batch = with_weights(batch, token_weights)
 
     def batches(self, rows: int, world: int, rank: int):
         n = len(self.batch["input_ids"])
@@ -280,11 +294,12 @@ class ChatValidation:
 def engine_data(dspec: dict, cfg) -> tuple[PackedChats, ChatValidation | None]:
     """The engine's data builder (run.json "data": {"builder": "tasks.sft:engine_data", ...})."""
     train_docs = load_conversations_npz(dspec["train"])
-    data = PackedChats(train_docs, cfg.seq_len, int(dspec["pad_id"]), int(dspec.get("seed", 0)))
+    weights = {int(k): float(v) for k, v in (dspec.get("token_weights") or {}).items()} or None  # {"id": weight}
+    data = PackedChats(train_docs, cfg.seq_len, int(dspec["pad_id"]), int(dspec.get("seed", 0)), weights)
     val = None
     if dspec.get("validation"):
         val_docs = load_conversations_npz(dspec["validation"])
-        val = ChatValidation(val_docs, cfg.seq_len, int(dspec["pad_id"])) if val_docs else None
+        val = ChatValidation(val_docs, cfg.seq_len, int(dspec["pad_id"]), weights) if val_docs else None
     return data, val
 
 
@@ -305,9 +320,11 @@ def engine_spec(cfg: TrainSettings, work: Path, init_dir: Path, data: dict, obje
     }
 
 
-def run_training(spec: dict, cfg: TrainSettings, work: Path, out, error=SftError) -> tuple[Path, list[dict], str | None]:
-    """Write run.json, run the engine child (resuming from work/checkpoints), log its metrics to
-    the stage's MLflow run. Returns (final checkpoint, metric records, resumed-from name)."""
+def run_training(spec: dict, cfg: TrainSettings, work: Path, out, error=SftError,
+                 extra_metrics: tuple[str, ...] = ()) -> tuple[Path, list[dict], str | None]:
+    """Write run.json, run the engine child (resuming from work/checkpoints), log its metrics (and the
+    objective's stats named in extra_metrics) to the stage's MLflow run. Returns (final checkpoint,
+    metric records, resumed-from name)."""
     from tasks.pretrain import _Watch
     from tasks.train.checkpoint import checkpoint_step, latest_checkpoint
     from tasks.train.engine import EXIT_STOPPED, read_metrics
@@ -330,7 +347,8 @@ def run_training(spec: dict, cfg: TrainSettings, work: Path, out, error=SftError
     records = read_metrics(work / "metrics.jsonl")
     for rec in records:
         if rec.get("kind") in ("train", "eval"):
-            values = {k: v for k, v in rec.items() if k in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss")}
+            values = {k: v for k, v in rec.items()
+                      if k in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", *extra_metrics)}
             if values:
                 out.log_metrics(values, step=rec["step"])
     return final, records, resumed.name if resumed else None
@@ -407,7 +425,7 @@ def prepare(convs: list[list[dict]], tok, seq_len: int, val_fraction: float, see
 
 
 def run(cfg: SftConfig, inputs: dict, out) -> StageResult:
-    from tasks.chat_data import add_system, load_conversations, reason_counts
+    from tasks.chat_data import add_system, load_conversations
 
     if not cfg.data:
         raise SftError("stages.sft.data is empty: add chat data, e.g. "
@@ -415,17 +433,26 @@ def run(cfg: SftConfig, inputs: dict, out) -> StageResult:
     files = [(str(p), e.format) for n, e in enumerate(cfg.data) for p in data_files(e, f"stages.sft.data[{n}]")]
     convs, bad = load_conversations(files)
     convs = [add_system(c, cfg.system_prompt) for c in convs]
+    init_dir = model_dir(cfg.init_from, inputs.get("pretrain"), out, "sft")
+    return fine_tune(cfg, convs, bad, init_dir, tokenizer_dir(init_dir, inputs.get("tokenizer"), out), out, "sft")
+
+
+def fine_tune(cfg: TrainSettings, convs: list[list[dict]], bad: list[dict], init_dir: Path, tok_dir: Path, out,
+              stage: str, token_weights: dict[int, float] | None = None, error=SftError) -> StageResult:
+    """Conversations -> a fine-tuned model in out/hf (shared by sft and distill_sft): `bad` records to
+    quarantine.jsonl, tokenize / split / cut (`prepare`), train from init_dir (objective `sft`; with
+    `token_weights` {token id: weight} a target token's loss counts that many times), export, and
+    the held-out assistant loss before and after. Returns the stage's result."""
+    from tasks.chat_data import reason_counts
+
     with open(out.path / "quarantine.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in bad)
     if not convs:
-        raise SftError(f"no conversation in {len(files)} data files ({len(bad)} quarantined: see quarantine.jsonl)")
-
-    init_dir = model_dir(cfg.init_from, inputs.get("pretrain"), out, "sft")
-    tok_dir = tokenizer_dir(init_dir, inputs.get("tokenizer"), out)
+        raise error(f"no conversation in the data ({len(bad)} records quarantined: see quarantine.jsonl)")
     tok = load_tokenizer(tok_dir)
     train_docs, val_docs, stats = prepare(convs, tok, cfg.seq_len, cfg.val_fraction, cfg.seed)
     if not train_docs:
-        raise SftError(f"every conversation was held out or too long for seq_len {cfg.seq_len}")
+        raise error(f"every conversation was held out or too long for seq_len {cfg.seq_len}")
     work = out.scratch / "engine"
     work.mkdir(parents=True, exist_ok=True)
     save_conversations(work / "train.npz", train_docs)
@@ -433,9 +460,11 @@ def run(cfg: SftConfig, inputs: dict, out) -> StageResult:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     data = {"builder": "tasks.sft:engine_data", "train": str(work / "train.npz"),
             "validation": str(work / "val.npz") if val_docs else None, "pad_id": int(pad), "seed": cfg.seed}
-    spec = engine_spec(cfg, work, init_dir, data, {"name": "sft"}, {"stage": "sft", "key": out.key})
+    if token_weights:
+        data["token_weights"] = {str(k): float(v) for k, v in token_weights.items()}
+    spec = engine_spec(cfg, work, init_dir, data, {"name": "sft"}, {"stage": stage, "key": out.key})
     before = heldout_loss(init_dir, val_docs, cfg.seq_len, pad) if val_docs else float("nan")
-    final, records, resumed = run_training(spec, cfg, work, out)
+    final, records, resumed = run_training(spec, cfg, work, out, error=error)
     export(final, tok_dir, out, cfg.lora)
     after = heldout_loss(out.path / "hf", val_docs, cfg.seq_len, pad) if val_docs else float("nan")
 

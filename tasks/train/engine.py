@@ -1,4 +1,5 @@
-"""The training engine shared by every training stage (pretrain, SFT, DPO, distill).
+"""The training engine shared by every training stage (pretrain, SFT, DPO, reward, PPO, GRPO, distill;
+the RL stages through an on-policy data plug-in, tasks/train/rollout.py).
 
     from tasks.train import TrainConfig, train, CausalLM, PackedBatches, ValidationRows
     result = train(cfg, model_fn, CausalLM(), PackedBatches(source, cfg.seq_len), val)
@@ -27,7 +28,7 @@ loss and grad norm stay on the device and are read (`.item()`) once per
 Outputs in `out_dir`:
   metrics.jsonl        rank 0 only, one JSON object per line, written at log steps:
                        {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens",
-                        "tokens_per_s", "mfu", "peak_mem_gib", ...}
+                        "tokens_per_s", "mfu", "peak_mem_gib", + the objective's "stats", ...}
                        {"kind": "eval", "step", "val_loss", "val_bpb"}
                        {"kind": "checkpoint", "step", "path"}, {"kind": "resume", "step"},
                        {"kind": "start" | "end", ...}
@@ -347,6 +348,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- the loop
 
 
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast when cfg.precision asks for it (auto: on CUDA), else a no-op context. Anything
+    that must see the numbers the training forward sees (RL rollouts' log-probs) uses this too."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -367,7 +376,10 @@ def train(
 
     model_fn: builds the fp32 model on the CPU (called after seeding, on every rank);
               the model should have `.config` (ModelConfig) for checkpoints and MFU.
-    objective: see objectives.py. data: `next_batch(rows)`, `state_dict()`, `load_state_dict()`.
+    objective: see objectives.py. data: `next_batch(rows)`, `state_dict()`, `load_state_dict()`, and
+              optionally `attach_model(model)`: called once with the unwrapped model after its weights
+              (and the data cursor) are restored, before the first batch, for on-policy data that
+              samples from the model being trained (RL rollouts, tasks/train/rollout.py).
     val: `batches(rows, world, rank)`, `num_bytes` (0 -> no bits per byte); None -> no eval.
     extra_state: plain data stored in every checkpoint's trainer.pt (e.g. what the run was made from).
     """
@@ -384,8 +396,7 @@ def train(
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast = lambda: autocast_context(cfg, d.device)  # noqa: E731
 
     per_step = cfg.global_batch or cfg.micro_batch * d.world
     if per_step % (cfg.micro_batch * d.world):
@@ -435,6 +446,8 @@ def train(
         log.write({"kind": "start", "step": 0, "config": asdict(cfg), "world_size": d.world,
                    "params": sum(p.numel() for p in base.parameters()), "device": str(d.device)})
 
+    if hasattr(data, "attach_model"):  # on-policy data (RL rollouts) samples from the model being trained
+        data.attach_model(base)
     compile = cfg.compile if cfg.compile is not None else cuda
     loss_fn = torch.compile(objective.loss) if compile else objective.loss
     flops_per_token = base.config.flops_per_token(cfg.seq_len) if hasattr(getattr(base, "config", None), "flops_per_token") else 0
@@ -494,6 +507,8 @@ def train(
     model.train()
     interval_nats = torch.zeros((), dtype=torch.float32, device=d.device)
     interval_count, interval_steps = 0, 0
+    interval_stats: dict[str, torch.Tensor] = {}
+    interval_micro = 0
     grad_norm = torch.zeros((), device=d.device)
     clock = time.perf_counter()
     last_ckpt = resume
@@ -518,6 +533,9 @@ def train(
                         loss = loss + out["aux"] / accum
                     loss.backward()
                 interval_nats += out["sum"].detach().float()
+                for name, value in out.get("stats", {}).items():
+                    interval_stats[name] = interval_stats.get(name, 0.0) + value.detach().float()
+                interval_micro += 1
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -541,6 +559,10 @@ def train(
                        "tokens_per_s": tps, "peak_mem_gib": peak_memory_gib(d.device)}
                 if flops_per_token and peak:
                     rec["mfu"] = tps * flops_per_token / (peak * d.world)
+                if interval_stats:  # the objective's own statistics, means over the interval's micro-batches
+                    names = list(interval_stats)
+                    values = torch.stack([torch.as_tensor(interval_stats[k]).float() for k in names]).tolist()
+                    rec.update({k: v / max(interval_micro, 1) for k, v in zip(names, values)})
                 log.write(rec)
                 if d.main:
                     mfu = f" mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
@@ -548,6 +570,7 @@ def train(
                           f"{tps:,.0f} tok/s{mfu} mem {rec['peak_mem_gib']:.2f} GiB", flush=True)
                 interval_nats.zero_()
                 interval_count, interval_steps = 0, 0
+                interval_stats, interval_micro = {}, 0
                 clock = time.perf_counter()
             if val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
                 val_result = evaluate()
@@ -592,7 +615,9 @@ def run_from_config(spec: dict) -> dict:
     {
       "train": {TrainConfig fields},
       "model": {"config": {ModelConfig fields}}          # from scratch
-             | {"init_from": "/path/to/hf_dir"},         # continued pretraining (Qwen2/Qwen3 HF dir)
+             | {"init_from": "/path/to/hf_dir"}          # continued pretraining (Qwen2/Qwen3 HF dir)
+             | {"builder": "module:function", ...}       # function(model spec) -> model (e.g. a
+                                                         # backbone with a scalar head, model/reward.py)
                (either may add "lora": {rank, alpha, dropout, target_modules}: train LoRA adapters only)
       "data": {"builder": "module:function"}  (other data: function(data_spec, TrainConfig) -> (data, val))
             | {"train": [shard paths], "validation": [shard paths] (optional),
@@ -613,7 +638,12 @@ def run_from_config(spec: dict) -> dict:
 
     cfg = TrainConfig.from_dict(spec["train"])
     m = spec["model"]
-    if "init_from" in m:
+    if m.get("builder"):  # "module:function" (model spec) -> model: e.g. a backbone with a scalar head
+        from importlib import import_module
+
+        build = getattr(import_module(m["builder"].split(":")[0]), m["builder"].split(":")[1])
+        model_fn = lambda: build(m)  # noqa: E731
+    elif "init_from" in m:
         model_fn = lambda: load_hf_dir(m["init_from"])[0]  # noqa: E731
     else:
         ModelConfig.from_dict(m["config"])  # fail early on a bad shape

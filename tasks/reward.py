@@ -1,0 +1,196 @@
+"""reward: a reward model (the SFT model's backbone + a scalar head) trained on preference pairs.
+
+Reads   the sft stage's hf/ model (or any Qwen2/Qwen3 HF directory named by `init_from`) and its
+        tokenizer; preference pairs from `data:` exactly as the dpo stage reads them (tasks/dpo.py
+        read_pairs / encode_pairs: `preference` files, or chatterbot Q/A made into pairs).
+Model   RewardModel (model/reward.py) = model.Transformer + `score`, a Linear(hidden -> 1) on the final-norm hidden
+        states (Transformer.hidden_states), read at the last reply token of prompt + reply (its
+        end-of-turn token: objectives.reply_end). The LM head stays (unused by the reward) so the
+        backbone remains a loadable causal LM; PPO reuses the class as policy + value head.
+Loss    Bradley-Terry: -log sigmoid(r_chosen - r_rejected), the engine's objective `reward_bt`.
+Writes  model/             the backbone as an HF directory (model/hf.py format) + tokenizer files
+        head.safetensors   the head: score.weight (1, hidden), score.bias (1,)
+        reward.json        what the two are and where the score is read
+        checkpoint/        the final engine checkpoint (backbone + head, one file)
+        quarantine.jsonl   records that could not become pairs
+        manifest           counts (pairs, truncations), dropped by reason, held-out accuracy (share
+                           of pairs scored chosen > rejected) and mean margin before (the initial
+                           head) and after training; the same in MLflow.
+Load    model.reward.load_reward_model(dir) -> RewardModel (eval mode, fp32) from a directory holding model/ and
+        head.safetensors (this stage's artifact); reward_dir(manifest, out) gives that directory for
+        a downstream stage (fetching the files from a remote store).
+Resume  engine checkpoints in the stage's working dir; exact continuation, as sft/dpo.
+Fails   when no pair is read or fits seq_len, with LoRA settings (not supported for a reward model),
+        or when training fails (the end of its log).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from storage.errors import SlmError
+from tasks.dpo import PreferenceData
+from tasks.registry import Stage, StageResult
+from tasks.sft import TrainSettings
+
+STAGE_VERSION = 1
+HEAD_FILE, BACKBONE_DIR = "head.safetensors", "model"  # model/reward.py's layout
+
+
+class RewardError(SlmError):
+    pass
+
+
+def reward_dir(manifest, out) -> Path:
+    """The local directory of a reward artifact (its model/ and head files fetched through `out`)."""
+    wanted = [f.path for f in manifest.files if f.path == HEAD_FILE or f.path.startswith(BACKBONE_DIR + "/")]
+    if HEAD_FILE not in wanted:
+        raise RewardError(f"reward/{manifest.key[:16]} holds no {HEAD_FILE}; rerun the reward stage")
+    for rel in wanted:
+        out.local_input(manifest, rel)
+    return Path(out.local_input(manifest, HEAD_FILE)).parent
+
+
+def export_checkpoint(checkpoint: Path, tokenizer_dir: Path | None, out_dir: Path) -> Path:
+    """An engine checkpoint of a RewardModel -> save_reward_model's layout."""
+    from model import ModelConfig
+    from model.reward import RewardModel, save_reward_model
+    from tasks.train.checkpoint import load_model_config, load_weights
+
+    model = RewardModel(ModelConfig.from_dict(load_model_config(checkpoint)))
+    model.load_state_dict(load_weights(checkpoint), strict=True)
+    return save_reward_model(model, tokenizer_dir, out_dir)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def pair_scores(model, arrays: dict[str, np.ndarray], batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards (chosen, rejected), float32 (n,), of encode_pairs rows, by a model.reward.RewardModel."""
+    import torch
+
+    from tasks.train.objectives import RewardBT
+
+    model.eval()
+    obj, out = RewardBT(), {"chosen": [], "rejected": []}
+    for side in out:
+        ids, tgt = arrays[f"{side}_ids"], arrays[f"{side}_targets"]
+        for s in range(0, len(ids), batch):
+            with torch.no_grad():
+                out[side].append(obj.rewards(model, torch.from_numpy(ids[s:s + batch]).long(),
+                                             torch.from_numpy(tgt[s:s + batch])).numpy())
+    cat = lambda xs: np.concatenate(xs).astype(np.float32) if xs else np.zeros(0, np.float32)  # noqa: E731
+    return cat(out["chosen"]), cat(out["rejected"])
+
+
+def pair_metrics(model, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """accuracy: share of pairs with r_chosen > r_rejected (a tie counts half: chance); margin: mean
+    r_chosen - r_rejected. {} without pairs."""
+    c, r = pair_scores(model, arrays)
+    if len(c) == 0:
+        return {}
+    return {"accuracy": float((c > r).mean() + 0.5 * (c == r).mean()), "margin": float((c - r).mean())}
+
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class RewardSettings(TrainSettings):
+    data: list[PreferenceData] = []  # the same entries as dpo's (a profile usually repeats them)
+    lr: float = Field(1e-4, gt=0)
+    head_std: float = Field(0.0, ge=0)  # initial head: 0 -> zeros (every reward 0 at the start)
+
+
+class RewardConfig(RewardSettings):
+    init_digest: str | None = None
+    data_digests: list[list[str]] = []
+
+
+def config(profile) -> RewardConfig:
+    from tasks.sft import keyed_config
+
+    return keyed_config("reward", profile.stages.reward, RewardConfig)
+
+
+def run(cfg: RewardConfig, inputs: dict, out) -> StageResult:
+    import torch
+
+    from model.reward import engine_model, load_reward_model
+    from tasks.chat_data import reason_counts
+    from tasks.dpo import encode_pairs, read_pairs
+    from tasks.sft import engine_spec, held_out, load_tokenizer, model_dir, run_training, tokenizer_dir
+
+    if cfg.lora:
+        raise RewardError("stages.reward.lora: LoRA is not supported for the reward model; remove it")
+    if not cfg.data:
+        raise RewardError("stages.reward.data is empty: add preference data, e.g. "
+                          "[{path: pairs.jsonl, format: preference}] (the dpo stage's entries work as they are)")
+    pairs, bad = read_pairs(cfg, stage="reward")
+    with open(out.path / "quarantine.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in bad)
+    if not pairs:
+        raise RewardError(f"no preference pair in the data ({len(bad)} records quarantined: see quarantine.jsonl)")
+    init_dir = model_dir(cfg.init_from, inputs.get("sft"), out, "reward")
+    tok_dir = tokenizer_dir(init_dir, None, out)
+    tok = load_tokenizer(tok_dir)
+
+    work = out.scratch / "engine"
+    work.mkdir(parents=True, exist_ok=True)
+    held = held_out(len(pairs), cfg.val_fraction, cfg.seed)
+    counts: dict[str, int] = {}
+    arrays = {}
+    for split, chosen in (("train", ~held), ("val", held)):
+        arrays[split], c = encode_pairs([p for p, h in zip(pairs, chosen) if h], tok, cfg.seq_len)
+        counts.update({f"{split}_{k}": v for k, v in c.items()})
+        np.savez(work / f"{split}.npz", **arrays[split])
+    if counts["train_pairs"] == 0:
+        raise RewardError(f"no training pair fits seq_len {cfg.seq_len}")
+    has_val = counts["val_pairs"] > 0
+
+    data = {"builder": "tasks.dpo:engine_data", "train": str(work / "train.npz"),
+            "validation": str(work / "val.npz") if has_val else None, "seed": cfg.seed}
+    spec = engine_spec(cfg, work, init_dir, data, {"name": "reward_bt"}, {"stage": "reward", "key": out.key})
+    spec["model"] = {"builder": "model.reward:engine_model", "init_from": str(init_dir), "head_std": cfg.head_std}
+    torch.manual_seed(cfg.seed)  # the engine seeds the same way before building the model
+    before = pair_metrics(engine_model(spec["model"]), arrays["val"]) if has_val else {}
+    final, records, resumed = run_training(spec, cfg, work, out, error=RewardError, extra_metrics=("accuracy", "margin"))
+    for name in (BACKBONE_DIR, "checkpoint"):
+        if (out.path / name).exists():
+            shutil.rmtree(out.path / name)
+    shutil.copytree(final, out.path / "checkpoint")
+    export_checkpoint(final, tok_dir, out.path)
+    after = pair_metrics(load_reward_model(out.path), arrays["val"]) if has_val else {}
+    for k, v in after.items():
+        out.log_metrics({f"heldout_{k}": v}, step=cfg.steps)
+
+    dropped = reason_counts(bad)
+    too_long = counts.get("train_prompt_too_long", 0) + counts.get("val_prompt_too_long", 0)
+    if too_long:
+        dropped["prompt longer than seq_len"] = too_long
+    fmt = lambda m: f"accuracy {m['accuracy']:.2f}, margin {m['margin']:.3f}" if m else "no held-out pairs"  # noqa: E731
+    return StageResult(
+        counts={"pairs": len(pairs), **counts, "quarantined": len(bad), "steps": cfg.steps},
+        dropped=dropped,
+        summary=(f"{counts['train_pairs']} train / {counts['val_pairs']} held-out pairs, {cfg.steps} steps; "
+                 f"held-out {fmt(before)} -> {fmt(after)}"),
+        extra={"reward_dir": ".", "backbone": BACKBONE_DIR, "head": HEAD_FILE, "checkpoint": "checkpoint",
+               "init_from": cfg.init_from or "sft", "heldout_before": before, "heldout_after": after,
+               "heldout_accuracy": after.get("accuracy"), "heldout_margin": after.get("margin"),
+               "resumed_from": resumed},
+    )
+
+
+STAGE = Stage(
+    name="reward",
+    version=STAGE_VERSION,
+    upstream=("sft",),
+    settings=RewardSettings,
+    config=config,
+    run=run,
+    group="train",
+)

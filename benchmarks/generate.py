@@ -15,11 +15,15 @@ prompts, for exactly --new-tokens tokens (no end-of-text stop). Rows:
   ours eager          Engine(static=False): dynamic cache, attends over the filled prefix
   ours graph          Engine(static=True): static cache captured as a CUDA graph (GPU only)
   ours compile        Engine(static=True, compile=True): torch.compile'd step (+ CUDA graph on GPU)
+  ours int8           (CPU only) Engine.from_dir of the int8 build of the same weights
+                      (model.quantize.save_int8_dir): torch's int8 weight kernel (bf16 activations
+                      for the matmuls), dynamic cache; its greedy tokens may leave hf's (other weights)
 
 Columns: TTFT (prefill + first token, ms), decode tokens/s summed over the batch
-(= batch * (new_tokens - 1) / (time of last token - time of first token)), the ratio of decode
-tokens/s to "hf static+compile" at the same batch, whether the greedy tokens equal "hf default"'s
-(bf16 may legitimately drift after some tokens; fp32 should match), and peak GPU memory, or on a
+(= batch * (new_tokens - 1) / (time of last token - time of first token)), the ratios of decode
+tokens/s to "hf default" and to "hf static+compile" at the same batch, whether row 0's greedy tokens
+equal "hf default"'s and "ours eager"'s ("from N": first differing token; in bf16 other kernels
+may legitimately flip a near-tie after some tokens, in fp32 all should match), and peak GPU memory, or on a
 CPU the decode tokens per CPU-second of this process (load-independent on a shared machine; use
 --threads 1 to make it the work done).
 Each (row, batch): one warm-up call (compiles, captures graphs), then the median of --repeats
@@ -145,8 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, help="default: 256 on CUDA, 48 on CPU")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rows", default="hf-default,hf-static,ours-eager,ours-graph,ours-compile",
-                    help="which rows to run (ours-graph is skipped on CPU)")
+    ap.add_argument("--rows", default="hf-default,hf-static,ours-eager,ours-graph,ours-compile,ours-int8",
+                    help="which rows to run (ours-graph is skipped on CPU, ours-int8 on GPU)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, few tokens, no compile rows")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -166,6 +170,8 @@ def main(argv=None) -> int:
         rows = [r for r in rows if r in ("hf-default", "ours-eager")]
     if device.type != "cuda":
         rows = [r for r in rows if r != "ours-graph"]
+    else:
+        rows = [r for r in rows if r != "ours-int8"]
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -174,6 +180,12 @@ def main(argv=None) -> int:
             model = Transformer(ModelConfig(**(SMOKE if args.smoke else ZH_64M), tie_embeddings=True))
             model_dir = save_hf_dir(model, None, Path(tmp) / "hf", dtype=dtype)
             del model
+        int8_dir = None
+        if "ours-int8" in rows:
+            from model.quantize import save_int8_dir
+
+            int8_dir = Path(tmp) / "int8"
+            save_int8_dir(model_dir, int8_dir)
         vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
         prompts = torch.randint(0, vocab, (max(batches), args.prompt_len), generator=torch.Generator().manual_seed(1))
 
@@ -184,7 +196,9 @@ def main(argv=None) -> int:
         calls = {}
         for name in rows:
             engine = None
-            if name.startswith("ours"):
+            if name == "ours-int8":
+                engine = Engine.from_dir(int8_dir, device=device, dtype=dtype, static=False)
+            elif name.startswith("ours"):
                 engine = Engine.from_dir(model_dir, device=device, dtype=dtype, static=name != "ours-eager",
                                          compile=name == "ours-compile")
             for b in batches:
@@ -225,14 +239,19 @@ def main(argv=None) -> int:
     print(f"\n{'smoke' if args.smoke else 'zh-64m'} shape{'' if args.model is None else f' ({args.model})'}, "
           f"{str(dtype).removeprefix('torch.')}, {name}, prompt {args.prompt_len} tokens, {new_tokens} new tokens, "
           f"torch {torch.__version__}, load avg {os.getloadavg()[0]:.1f}\n")
-    header = "| row | batch | TTFT ms | decode tok/s | vs hf static+compile | tokens = hf default |"
+    eager = {r["batch"]: r for r in results if r["row"] == "ours-eager"}
+    header = ("| row | batch | TTFT ms | decode tok/s | vs hf default | vs hf static+compile | tokens = hf default "
+              "| tokens = ours eager |")
     header += " peak GB |" if device.type == "cuda" else " decode tok per CPU-s |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in results:
-        ratio = f"{r['decode_tok_s'] / base[r['batch']]['decode_tok_s']:.2f}x" if r["batch"] in base else "-"
-        same = "-" if r["batch"] not in ref else agreement(r["tokens"], ref[r["batch"]]["tokens"])
-        line = f"| {r['row']} | {r['batch']} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} | {ratio} | {same} |"
+        ratios = [f"{r['decode_tok_s'] / by[r['batch']]['decode_tok_s']:.2f}x" if r["batch"] in by else "-"
+                  for by in (ref, base)]
+        same = ["-" if r["batch"] not in by else agreement(r["tokens"], by[r["batch"]]["tokens"])
+                for by in (ref, eager)]
+        line = (f"| {r['row']} | {r['batch']} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} | {' | '.join(ratios)} "
+                f"| {' | '.join(same)} |")
         line += f" {r['peak_mem_gb']:.2f} |" if device.type == "cuda" else f" {r['decode_tok_cpu_s']:.1f} |"
         print(line)
     if args.json:

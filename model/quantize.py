@@ -166,16 +166,21 @@ class Int8Linear(nn.Module):
             raise ValueError(f"kernel {kernel!r}: choose one of {KERNELS}")
         self.out_features, self.in_features = qweight.shape
         self.kernel = kernel
+        self.int8mm = kernel == "int8mm" and self.in_features % 32 == 0
         self.register_buffer("qweight", _aligned(qweight.contiguous()))
         self.register_buffer("scale", scale.float().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # the kernel's bf16 scales, made at the first call rather than at every one (not a buffer:
+        # Module.to(float32) would convert it); remade when `scale` is another tensor (moved, re-tied)
+        self._scale_bf16: torch.Tensor | None = None
+        self._scale_src: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kernel == "int8mm" and x.device.type == "cpu" and self.in_features % 32 == 0
-                and self.qweight.data_ptr() % 64 == 0):
+        if self.int8mm and x.device.type == "cpu" and self.qweight.data_ptr() % 64 == 0:
+            if self._scale_src is not self.scale:
+                self._scale_bf16, self._scale_src = _aligned(self.scale.to(torch.bfloat16).contiguous()), self.scale
             flat = _aligned(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
-            scale = _aligned(self.scale.to(torch.bfloat16))
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, scale)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self._scale_bf16)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
@@ -187,7 +192,7 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("qweight", _aligned(qweight.contiguous()))  # aligned: a tied lm_head's int8mm reads it
         self.register_buffer("scale", scale.float().contiguous())
         self.dtype = dtype
 

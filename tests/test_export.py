@@ -5,7 +5,10 @@ name and shape and the metadata llama.cpp reads agree with llama.cpp's loader fo
 here against a list written from llama.cpp's source, independently of the exporter's name map),
 and an int8 build whose perplexity on held-out shard data stays within a percent of the source;
 the MoE and Qwen2 variants convert too; the int8 kernel equals the dequantized matmul.
-llama.cpp itself is not run: llama-cpp-python has no wheel here and building it takes too long.
+Where llama-cpp-python is installed (PyPI has only its source: `pip install llama-cpp-python` builds
+llama.cpp, about 4 minutes on 2 cores; it is not a CI dependency), llama.cpp itself loads the GGUF,
+tokenizes real text as the export report predicts, and computes our logits and greedy tokens;
+without it that test is skipped with the reason.
 """
 from __future__ import annotations
 
@@ -198,3 +201,54 @@ def test_int8_dir_of_an_moe_model_dequantizes_experts(up, tmp_path):
         a, b = model(ids), int8_model(ids)
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     np.testing.assert_array_equal(a.argmax(-1).numpy()[:, :5], b.argmax(-1).numpy()[:, :5])
+
+
+def test_llama_cpp_loads_the_gguf_tokenizes_as_predicted_and_generates_what_our_engine_does(up, tmp_path):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed: PyPI has only its source, which builds llama.cpp "
+        "(about 4 min on 2 cores: pip install llama-cpp-python)")
+    from token_corpus import corpus_records
+
+    from model.generate import Engine, SamplingParams
+    from model.gguf_export import llama_cpp_tokenizer
+
+    hf_dir = Path(up.store.local_path(up.final, "hf/config.json")).parent  # the trained model export exports
+    tokenizer_json = Path(up.store.local_path(up.tokenizer, "tokenizer.json"))
+    write_gguf(hf_dir, tmp_path / "m.gguf", dtype="f32")
+    engine = Engine.from_dir(hf_dir, device="cpu")
+    cfg = engine.config
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=cfg.max_seq_len, n_threads=1, logits_all=True,
+                          verbose=False)
+    shape = [f(llm.model) for f in (llama_cpp.llama_model_n_ctx_train, llama_cpp.llama_model_n_embd,
+                                    llama_cpp.llama_model_n_layer, llama_cpp.llama_model_n_head,
+                                    llama_cpp.llama_model_n_head_kv)]  # as llama.cpp's loader read them
+    assert shape == [cfg.max_seq_len, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads]
+    assert llm.metadata["general.architecture"] == "qwen3" and llm.n_vocab() == cfg.vocab_size
+    assert llm.token_eos() == up.tokenizer.extra["eos_id"]
+
+    # llama.cpp's own tokenizer on real text (poems, Alpaca answers, with ASCII, digits, punctuation)
+    # gives what model/gguf_export.llama_cpp_tokenizer predicts, the tokens the export report scores
+    records = corpus_records(["corpus/song-ci-simplified/ci.song.2000.json"], alpaca=30)
+    texts = [r["text"] for r in records[:10] + records[-30:]]
+    predicted = llama_cpp_tokenizer(tokenizer_json).encode_batch_fast(texts, add_special_tokens=False)
+    for text, want in zip(texts, predicted):
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == want.ids, text
+
+    # the forward: llama.cpp's logits on a real prompt equal our Transformer's (f32 weights both sides)
+    ids = engine.encode(texts[0])[:48]
+    llm.reset()
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ours = engine.model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(theirs - ours).max() < 2e-3 * np.abs(ours).max()
+
+    # greedy generation: the same 24 tokens as our engine
+    (want,) = engine.generate_tokens_list([ids], SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[]))
+    llm.reset()
+    got = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        got.append(token)
+        if len(got) == len(want):
+            break
+    assert got == want

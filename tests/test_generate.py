@@ -65,6 +65,23 @@ def test_cached_greedy_equals_full_forward(model_dir, engine, static_engine, sta
     assert len(set(ours)) > 3  # the check means something: the model does not just repeat one token
 
 
+def test_int8_directory_runs_on_the_int8_kernel_with_the_cache(model_dir, tmp_path):
+    """Engine.from_dir on an int8 build (model/quantize.py): every projection on a CPU goes through
+    torch's int8 weight kernel, and the cached greedy tokens equal full forwards of that int8 model."""
+    from model.quantize import Int8Linear, load_int8_dir, save_int8_dir
+
+    save_int8_dir(model_dir, tmp_path / "int8")
+    eng = Engine.from_dir(tmp_path / "int8", device="cpu")
+    linears = [m for m in eng.model.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 7 * eng.config.num_layers + 1 and all(m.int8mm for m in linears)
+    reference, _ = load_int8_dir(tmp_path / "int8", kernel="int8mm")
+    for text in PROMPTS:
+        ids = eng.encode(text)
+        (ours,) = eng.generate_tokens_list([ids], GREEDY)
+        assert ours == greedy_by_full_forward(reference, ids, GREEDY.max_new_tokens), text
+    assert eng.generate(PROMPTS[0], GREEDY).text  # the tokenizer came along
+
+
 def test_moe_cached_greedy_equals_full_forward():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -87,6 +104,26 @@ def test_batch_of_different_lengths_equals_one_by_one(engine, static_engine, sta
     assert batch == alone
     texts = eng.generate(PROMPTS, GREEDY)  # the text API batches the same way
     assert [c.token_ids for c in texts] == alone
+
+
+def test_pipelined_loop_gives_the_same_tokens(model_dir, static_engine):
+    """The loop CUDA uses (step t+1 queued before step t's tokens are read), run here on the CPU:
+    same tokens, stops and finish reasons as the plain loop, for greedy, sampling with a penalty,
+    a stop token in some rows only, and a single step."""
+    piped = Engine.from_dir(model_dir, device="cpu", static=True, pipeline=True)
+    prompts = [static_engine.encode(t) for t in PROMPTS]
+    base = static_engine.generate_tokens_list(prompts, GREEDY)
+    steps = []
+    for params in (GREEDY, SamplingParams(max_new_tokens=24, temperature=0.8, top_k=30, repetition_penalty=1.3, seed=3),
+                   SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[base[1][5]]),  # one row stops
+                   SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[row[5] for row in base]),  # all
+                   SamplingParams(max_new_tokens=1, temperature=0)):
+        want = list(static_engine.generate_tokens(prompts, params))
+        assert list(piped.generate_tokens(prompts, params)) == want
+        assert [c.token_ids for c in piped.generate(PROMPTS, params)] == \
+               [c.token_ids for c in static_engine.generate(PROMPTS, params)]
+        steps.append(len(want))
+    assert steps == [24, 24, 24, steps[3], 1] and steps[3] <= 6  # the loop ends when every row has stopped
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

@@ -30,8 +30,10 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, type=_model_dir, metavar="DIR",
                    help="HF-format model directory with tokenizer files")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (static cache; first request per shape compiles)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (static cache; each new batch/length bucket compiles once, "
+                        "~10 s). Default: on for `slm serve` on a GPU (3x the decode speed of the CUDA graph "
+                        "alone), off for `slm chat` and on the CPU")
 
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:

@@ -479,15 +479,17 @@ def main(args) -> int:
               + ("" if args.api_key else " without an API key (set --api-key or SLM_API_KEY)"), file=sys.stderr)
     config = ServeConfig(model_name=args.name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
                          max_queue=args.max_queue, api_key=args.api_key)
+    from model.generate import resolve_device
+
+    compile = args.compile if args.compile is not None else resolve_device(args.device).type == "cuda"
     try:
-        app = create_app(args.model, config, device=args.device, compile=args.compile,
-                         static=True if args.compile else None)
+        app = create_app(args.model, config, device=args.device, compile=compile, static=True if compile else None)
     except (ValueError, OSError) as err:  # no tokenizer, unreadable weights, ...: one line, exit 2
         from storage.errors import SlmError
 
         raise SlmError(f"cannot serve {args.model}: {err}") from None
     engine = app.state.engine
-    if args.compile:
+    if compile:
         print("compiling the decode step (one-time)...", file=sys.stderr, flush=True)
         engine.warmup(1, min(config.default_max_tokens + 256, engine.config.max_seq_len))  # a typical request
     print(f"serving {app.state.model_name} on {engine.device}: http://{args.host}:{args.port}/ "

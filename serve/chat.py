@@ -96,8 +96,8 @@ def main(args) -> int:
     except ImportError:
         pass
     try:
-        engine = Engine.from_dir(args.model, device=args.device, compile=args.compile,
-                                 static=True if args.compile else None)
+        compile = bool(args.compile)  # off unless asked: a terminal session would wait for each compile
+        engine = Engine.from_dir(args.model, device=args.device, compile=compile, static=True if compile else None)
         engine.chat_prompt([{"role": "user", "content": "hi"}])  # fails now, not at the first message
     except (ValueError, OSError) as err:  # no tokenizer or chat template, unreadable weights, ...
         from storage.errors import SlmError

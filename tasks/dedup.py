@@ -11,20 +11,21 @@ How     1. per shard, in runtime.workers processes: an exact key per document (x
            n-grams for Chinese, word n-grams for Latin text, num_perm permutations of a 64-bit
            shingle hash, vectorized), cut into LSH bands; written to the stage's scratch space.
         2. in this process: exact duplicates grouped by key; then, band by band, documents with
-           an equal band become candidate pairs (datasketch MinHashLSH's banding with bands and
-           rows from datasketch's _optimal_param for threshold and num_perm, done by sorting);
+           an equal band become candidate pairs (datasketch MinHashLSH's banding, with the bands and
+           rows its _optimal_param gives for threshold and num_perm, done by sorting);
            with `verify` a pair counts only if its signatures agree on >= threshold of their
            values (the MinHash estimate of Jaccard similarity); clusters are the connected
            components of the pairs (scipy). The kept document of a cluster is the first in
            corpus order: sources in profile order, then files, then records, so a source listed
            first wins (deterministic, whatever the number of workers).
-        3. per shard, in parallel: the kept documents are written.
+        3. per shard, in parallel: the kept documents are written; report.png (it needs only
+           the counts and length histograms, known after step 2) is drawn on the pool meanwhile.
 Memory  steps 1 and 3: one chunk of documents (~256k characters) per worker, whatever the
         corpus size. Step 2 grows with the number of documents N, not with their length:
-        ~70 bytes each (exact keys, cluster arrays) plus one band's keys with their sort
+        ~80 bytes each (exact keys, lengths, cluster arrays) plus one band's keys with their sort
         temporaries (~50 bytes each) at a time, plus ~30 bytes per candidate pair; the
         signatures stay on disk (memory-mapped; only the rows of candidate pairs are read).
-        10 M documents: ~1.2 GB.
+        10 M documents: ~1.3 GB.
 Beyond  one machine's memory (~100 M documents on 24 GB), the same steps scale out: steps 1
         and 3 are independent per shard (a Dask or Ray cluster through Prefect's task runners,
         prefect-dask / prefect-ray), and step 2 becomes disk-based bucket stages: each band's
@@ -47,10 +48,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from profiles.schema import Strict
 from storage.errors import SlmError
-from tasks.corpus.documents import DocWriter, count_rows, empty_histogram, iter_chunks, length_bin
+from tasks.corpus.documents import LENGTH_EDGES, DocWriter, count_rows, empty_histogram, iter_chunks, length_bin
 from tasks.corpus.minhash import band_keys, bucket_edges, estimate_jaccard, lsh_params, signatures
-from tasks.corpus.parallel import Unit, run_units, shard_units
-from tasks.corpus.report import finish_stage, table, write_run_report
+from tasks.corpus.parallel import Unit, in_background, run_units, shard_units
+from tasks.corpus.report import finish_stage, plot_run, table, write_run_report
 from tasks.corpus.text import tokenize
 from tasks.registry import Stage, StageResult
 
@@ -207,12 +208,16 @@ def cluster(folder: Path, names: list[str], s: DedupSettings, bands: int) -> dic
     if with_sig.any():
         estimate[with_sig] = sigs.jaccard(removed[with_sig], final[removed][with_sig])
     cluster_size = np.bincount(final, minlength=total)
+    chars = np.concatenate([info["chars"] for info in infos]) if names else np.zeros(0, np.int64)
+    kept_bins = np.searchsorted(LENGTH_EDGES, chars[kind == KEPT], side="right") - 1
+    kept = {"in": total, "out": int((kind == KEPT).sum()),  # what step 3 will write (the report's plot)
+            "hist": np.bincount(kept_bins, minlength=len(LENGTH_EDGES)).astype(int).tolist()}
     facts.update({
         "documents": total, "exact_duplicates": int((kind == EXACT).sum()), "near_duplicates": int((kind == NEAR).sum()),
         "clusters": int((cluster_size > 1).sum()), "largest_cluster": int(cluster_size.max()) if total else 0,
     })
     return {"offsets": offsets, "sizes": sizes, "final": final, "kind": kind, "removed": removed,
-            "estimate": estimate, "cluster_size": cluster_size, "facts": facts}
+            "estimate": estimate, "cluster_size": cluster_size, "facts": facts, "kept": kept}
 
 
 # --- step 3: write the kept documents ------------------------------------------------------------------
@@ -251,12 +256,13 @@ def write_unit(args: dict) -> dict:
 
 
 def _ids(paths: list[Path], offsets: np.ndarray, index: np.ndarray, column: str = "id") -> list:
-    """Values of one column for global ordinals `index`, reading one shard's column at a time."""
+    """Values of one column for global ordinals `index`, reading one shard's column at a time
+    (pq.ParquetFile, not pq.read_table: that one imports pyarrow.dataset, ~0.25 s)."""
     found: list = [None] * len(index)
     shard = np.searchsorted(offsets, index, side="right") - 1
     for s in np.unique(shard):
         where = np.flatnonzero(shard == s)
-        values = pq.read_table(paths[s], columns=[column]).column(column).take(pa.array(index[where] - offsets[s]))
+        values = pq.ParquetFile(paths[s]).read(columns=[column]).column(column).take(pa.array(index[where] - offsets[s]))
         for position, value in zip(where, values.to_pylist()):
             found[position] = value
     return found
@@ -276,7 +282,7 @@ def run(cfg: DedupConfig, inputs: dict, out) -> StageResult:
     folder = out.path / SCRATCH / "sig"
     decided = out.path / SCRATCH / "decision"
     summary_file = out.path / SCRATCH / "clusters.json"
-    if not summary_file.exists():
+    if not summary_file.exists() or "kept" not in json.loads(summary_file.read_text(encoding="utf-8")):
         result = cluster(folder, names, s, bands)
         decided.mkdir(parents=True, exist_ok=True)
         for name, offset, size in zip(names, result["offsets"], result["sizes"]):
@@ -285,12 +291,18 @@ def run(cfg: DedupConfig, inputs: dict, out) -> StageResult:
             out.save_progress(f"{SCRATCH}/decision/{name}.npz")
         _write_pairs(out, units, result)
         out.save_progress("duplicates.parquet")
-        summary = {"facts": result["facts"], "pairs_sample": _pair_sample(out, units, result, s.samples)}
+        summary = {"facts": result["facts"], "pairs_sample": _pair_sample(out, units, result, s.samples),
+                   "kept": result["kept"]}
         summary_file.write_text(json.dumps(summary, ensure_ascii=False), encoding="utf-8")
         out.save_progress(f"{SCRATCH}/clusters.json")
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    # report.png needs only each stage's in, out and length histogram, known now: it is drawn on
+    # the pool while the kept documents are written (with one worker: here, after them).
+    lineage = list(upstream.extra.get("lineage", [])) + [{"stage": "dedup", **summary["kept"]}]
+    plotted = in_background(out, plot_run, lineage, str(out.path / "report.png"))
     write_args = [Unit(u.name, {**u.args, "bytes_in": signed[u.name]["bytes_in"]}) for u in units]
     written = run_units(out, "dedup-write", write_args, write_unit, desc="dedup write")
+    plotted()
     facts = summary["facts"]
     facts.update({"bands": bands, "rows": rows, "num_perm": s.num_perm, "threshold": s.threshold,
                   "duplicate_rate": (facts["exact_duplicates"] + facts["near_duplicates"]) / max(1, facts["documents"])})
@@ -301,7 +313,7 @@ def run(cfg: DedupConfig, inputs: dict, out) -> StageResult:
             f"{bands} bands x {rows} rows, {s.ngram}-token shingles.")
     result = finish_stage(out, "dedup", written, clock, upstream=upstream, note=note,
                           extra={"dedup": facts, "pairs_sample": summary["pairs_sample"]})
-    write_run_report(out, result.extra["lineage"], _sections(facts, summary["pairs_sample"]))
+    write_run_report(out, result.extra["lineage"], _sections(facts, summary["pairs_sample"]), plot=False)
     result.summary = (f"{facts['documents']:,} in -> {facts['documents'] - facts['exact_duplicates'] - facts['near_duplicates']:,} "
                       f"out: {facts['exact_duplicates']:,} exact and {facts['near_duplicates']:,} near duplicates "
                       f"({facts['duplicate_rate']:.1%})")
@@ -312,9 +324,10 @@ def _write_pairs(out, units, result) -> None:
     paths = [Path(u.args["path"]) for u in units]
     removed = result["removed"]
     kept = result["final"][removed]
+    ids = _ids(paths, result["offsets"], np.concatenate([removed, kept]))  # one read of each shard's ids
     table_ = pa.table({
-        "removed_id": pa.array(_ids(paths, result["offsets"], removed), pa.string()),
-        "kept_id": pa.array(_ids(paths, result["offsets"], kept), pa.string()),
+        "removed_id": pa.array(ids[:len(removed)], pa.string()),
+        "kept_id": pa.array(ids[len(removed):], pa.string()),
         "kind": pa.array([KINDS[int(k)] for k in result["kind"][removed]], pa.string()),
         "jaccard_estimate": pa.array(result["estimate"], pa.float32()),
     })
@@ -326,13 +339,13 @@ def _pair_sample(out, units, result, k: int) -> list[dict]:
     if k <= 0 or not len(result["removed"]):
         return []
     paths = [Path(u.args["path"]) for u in units]
-    pairs = pq.read_table(out.path / "duplicates.parquet")
+    pairs = pq.ParquetFile(out.path / "duplicates.parquet").read()
     hashes = np.array([xxhash.xxh64_intdigest(i.encode("utf-8")) for i in pairs.column("removed_id").to_pylist()], dtype=np.uint64)
     chosen = np.argsort(hashes, kind="stable")[:k]
     removed = result["removed"][chosen]
     kept = result["final"][removed]
-    removed_text = _ids(paths, result["offsets"], removed, "text")
-    kept_text = _ids(paths, result["offsets"], kept, "text")
+    texts = _ids(paths, result["offsets"], np.concatenate([removed, kept]), "text")
+    removed_text, kept_text = texts[:len(removed)], texts[len(removed):]
     sample = []
     for j, row in enumerate(chosen):
         sample.append({

@@ -167,3 +167,12 @@ def test_first_source_in_the_profile_keeps_its_copy_and_latin_text_uses_word_shi
     assert made["dedup"].dropped == {"near-duplicate": len(articles)}
     assert {d["source"] for d in kept} == {"edited"}  # listed first in the profile
     assert all(d["lang"] == "und-Latn" for d in kept)
+
+
+def test_lsh_parameters_match_datasketch():
+    from datasketch.lsh import _optimal_param
+
+    for num_perm in (16, 64, 128, 256):
+        for threshold in (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95):
+            expected = tuple(int(v) for v in _optimal_param(threshold, num_perm, 0.5, 0.5))
+            assert lsh_params(threshold, num_perm) == expected, (threshold, num_perm)

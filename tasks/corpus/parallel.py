@@ -5,24 +5,35 @@ run_units(out, phase, units, fn, desc) -> {unit name: result}
           number of workers, so a restart with other settings finds the same units. args["size"]
           (bytes, optional) lets the pool start the largest units first.
   fn      a top-level function fn(args) -> dict (JSON-able), safe to run in a fresh process
-          (forkserver). It writes its own files under the artifact directory (temp name, then
-          rename) and lists them, relative to the artifact directory, in result["files"].
+          (forkserver) and in this one. It writes its own files under the artifact directory
+          (temp name, then rename) and lists them, relative to the artifact directory, in
+          result["files"]. Its files must depend only on args (not on which process ran it),
+          so that every stage's output is the same whatever the number of workers.
   Resume  when a unit finishes, its files are made durable (out.save_progress) and then its
           result is written to `_work/<phase>/<name>.json` (the marker, last). A restarted
           stage with the same key skips every unit that has a marker and reuses its result.
-  Workers out.workers processes (forkserver: no fork of a threaded parent; the server
-          preloads the heavy imports once, so each stage's pool starts fast). One worker, or
-          one pending unit, runs in this process.
-  Memory  one unit's working set per worker; results are small dicts.
+  Workers out.workers processes in all: this process is one of them, the other
+          out.workers - 1 are a pool kept for the life of this process and reused by every
+          phase of every stage (forkserver: no fork of a threaded parent; the server preloads
+          the heavy imports once, and the pool's workers keep what they loaded, e.g. the
+          conversion tables). A pool worker that is free takes the largest unit left; this
+          process takes the smallest, from the first moment (while the pool is still starting),
+          so that neither waits on a process start nor idles while a unit waits in a queue.
+          One worker, or one pending unit: all in this process. in_background() puts one more
+          call (e.g. a plot) on a free pool worker beside a phase.
+  Memory  one unit's working set per worker (this process included); results are small dicts.
   Fails   after the units already running have finished (their work is kept), with every
           failing unit named.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import multiprocessing
 import os
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import threading
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,6 +48,9 @@ PRELOAD = ["numpy", "pandas", "pyarrow.parquet", "pyarrow.compute", "xxhash", "z
            "tasks.corpus.documents", "tasks.corpus.text", "tasks.corpus.readers", "tasks.corpus.wikitext",
            "tasks.corpus.minhash", "tasks.extract", "tasks.normalize", "tasks.clean", "tasks.dedup"]
 _context = None
+_pool: ProcessPoolExecutor | None = None
+_pool_size = 0
+_free: threading.Semaphore | None = None  # one permit per pool worker not running anything
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,53 @@ def _pool_context():
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
     return _context
+
+
+def worker_pool(size: int) -> ProcessPoolExecutor:
+    """The shared pool of `size` worker processes (started on first use, kept until exit)."""
+    global _pool, _pool_size, _free
+    if _pool is not None and (_pool_size != size or getattr(_pool, "_broken", False)):
+        shutdown_pool()
+    if _pool is None:
+        _pool = ProcessPoolExecutor(max_workers=size, mp_context=_pool_context())
+        _pool_size, _free = size, threading.Semaphore(size)
+    return _pool
+
+
+def shutdown_pool() -> None:
+    """Stop the shared pool's workers (a later run_units starts a new pool)."""
+    global _pool, _pool_size
+    if _pool is not None:
+        _pool.shutdown(wait=True, cancel_futures=True)
+    _pool, _pool_size = None, 0
+
+
+atexit.register(shutdown_pool)
+
+
+def _submit_when_free(pool: ProcessPoolExecutor, free: threading.Semaphore, fn, *args) -> Future:
+    """Submit once a pool worker is free (the caller holds a permit of `free`), so that no task
+    waits in the pool's queue behind another: whatever is not submitted can still go elsewhere."""
+    try:
+        future = pool.submit(fn, *args)
+    except BaseException:
+        free.release()
+        raise
+    future.add_done_callback(lambda _: free.release())
+    return future
+
+
+def in_background(out, fn: Callable, *args) -> Callable[[], Any]:
+    """Start fn(*args) on a pool worker, beside the units that follow (out.workers > 1), and return
+    a call that waits for its result; with one worker (or none free within a minute) fn runs in
+    this process when that call is made. For a step off the critical path, e.g. a plot."""
+    workers = max(1, int(getattr(out, "workers", 1)))
+    if workers > 1:
+        pool = worker_pool(workers - 1)
+        free = _free
+        if free.acquire(timeout=60):
+            return _submit_when_free(pool, free, fn, *args).result
+    return lambda: fn(*args)
 
 
 def marker_rel(phase: str, name: str) -> str:
@@ -91,24 +152,7 @@ def run_units(out, phase: str, units: list[Unit], fn: Callable[[dict], dict], de
                 finish(unit, fn(unit.args))
                 bar.update(1)
         else:
-            # Largest units first, so that no worker is left with a big one at the end.
-            pending.sort(key=lambda u: -int(u.args.get("size", 0)))
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-                running = {pool.submit(fn, unit.args): unit for unit in pending}
-                while running:
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        unit = running.pop(future)
-                        try:
-                            finish(unit, future.result())
-                        except BrokenProcessPool:
-                            errors.append((unit.name, SlmError(
-                                f"a worker process died while running {unit.name}: out of memory (rerun with "
-                                f"fewer runtime.workers or smaller shards; finished shards are kept), or a script "
-                                f"calling the stage without `if __name__ == \"__main__\":` (workers import it)")))
-                        except BaseException as err:  # noqa: BLE001 - reported below, with its unit
-                            errors.append((unit.name, err))
-                        bar.update(1)
+            _run_shared(pending, fn, workers - 1, finish, errors, bar)
     finally:
         bar.close()
     if errors:
@@ -116,6 +160,93 @@ def run_units(out, phase: str, units: list[Unit], fn: Callable[[dict], dict], de
             raise SlmError("; ".join(f"{name}: {err}" for name, err in errors))
         raise errors[0][1]
     return {name: results[name] for name in names}
+
+
+def _run_shared(pending: list[Unit], fn, pool_size: int, finish, errors: list, bar) -> None:
+    """Run `pending` on the shared pool and in this process at once (see the module doc).
+
+    A feeder thread hands the largest unit left to each pool worker that becomes free (its first
+    submit waits while the pool starts); this thread runs the smallest unit left meanwhile. A unit
+    goes to the pool only when a worker is free, so none waits there while this process idles."""
+    # Largest units first, so that no worker is left with a big one at the end.
+    units = deque(sorted(pending, key=lambda u: -int(u.args.get("size", 0))))
+    lock = threading.Lock()
+    stop = threading.Event()
+    running: dict[Future, Unit] = {}
+    pool = worker_pool(pool_size)
+    free = _free
+
+    def feed() -> None:
+        while not stop.is_set():
+            with lock:
+                if not units:
+                    return
+            if not free.acquire(timeout=0.1):
+                continue
+            with lock:
+                unit = units.popleft() if units else None
+            if unit is None:
+                free.release()
+                return
+            try:
+                future = _submit_when_free(pool, free, fn, unit.args)
+            except BaseException:  # noqa: BLE001 - no pool (shut down, broken): this process runs the rest
+                with lock:
+                    units.appendleft(unit)
+                return
+            with lock:
+                running[future] = unit
+
+    def take() -> Unit | None:
+        with lock:
+            return units.pop() if units else None
+
+    def collect(done) -> None:
+        for future in done:
+            unit = running.pop(future)
+            try:
+                finish(unit, future.result())
+            except BrokenProcessPool:
+                errors.append((unit.name, SlmError(
+                    f"a worker process died while running {unit.name}: out of memory (rerun with "
+                    f"fewer runtime.workers or smaller shards; finished shards are kept), or a script "
+                    f"calling the stage without `if __name__ == \"__main__\":` (workers import it)")))
+            except BaseException as err:  # noqa: BLE001 - reported below, with its unit
+                errors.append((unit.name, err))
+            bar.update(1)
+
+    def finished() -> list[Future]:
+        with lock:
+            return [f for f in running if f.done()]
+
+    feeder = threading.Thread(target=feed, name="slm-pool-feeder", daemon=True)
+    feeder.start()
+    try:
+        while (unit := take()) is not None:
+            try:
+                finish(unit, fn(unit.args))
+            except Exception as err:  # noqa: BLE001 - reported with its unit, like the pool's
+                errors.append((unit.name, err))
+            bar.update(1)
+            collect(finished())
+        stop.set()
+        feeder.join()
+        while (unit := take()) is not None:  # put back by a feeder that found no pool
+            try:
+                finish(unit, fn(unit.args))
+            except Exception as err:  # noqa: BLE001
+                errors.append((unit.name, err))
+            bar.update(1)
+        while running:
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            collect(done)
+    except BaseException:
+        stop.set()
+        with lock:
+            units.clear()
+        feeder.join()
+        wait(list(running))  # units already started finish: none writes after this returns
+        raise
 
 
 def merge_counts(target: dict[str, int], more: dict[str, Any]) -> dict[str, int]:

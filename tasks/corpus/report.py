@@ -101,15 +101,17 @@ def lineage_table(lineage: list[dict]) -> str:
     return table(["stage", "in", "out", "removed", "removed by reason / rule", "seconds"], rows)
 
 
-def write_run_report(out, lineage: list[dict], sections: list[str]) -> None:
-    """report.md (replacing the stage's own) and report.png for the whole corpus run."""
+def write_run_report(out, lineage: list[dict], sections: list[str], plot: bool = True) -> None:
+    """report.md (replacing the stage's own) and report.png for the whole corpus run (plot=False:
+    the caller draws report.png itself with plot_run, e.g. in a worker process)."""
     hists = {entry["stage"]: entry["hist"] for entry in lineage}
     body = ["# Data report", "", "Documents through the corpus stages of this run.", "",
             lineage_table(lineage), "", "![documents per stage and their lengths](report.png)", "",
             "## Length of the documents each stage let through (characters)", "", histogram_table(hists), ""]
     body += sections
     (out.path / "report.md").write_text("\n".join(body) + "\n", encoding="utf-8")
-    plot_run(lineage, out.path / "report.png")
+    if plot:
+        plot_run(lineage, out.path / "report.png")
 
 
 def plot_run(lineage: list[dict], path) -> None:

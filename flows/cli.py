@@ -130,7 +130,7 @@ def cmd_show(args) -> int:
     for title, values in (("counts", manifest.counts), ("dropped", manifest.dropped)):
         if values:
             print(f"  {title}: " + ", ".join(f"{k}={v:,}" for k, v in values.items()))
-    print(f"  upstream: " + (", ".join(f"{k}/{short(v)}" for k, v in manifest.upstream.items()) or "-"))
+    print("  upstream: " + (", ".join(f"{k}/{short(v)}" for k, v in manifest.upstream.items()) or "-"))
     print(f"  files ({len(manifest.files)}, {_human(manifest.total_bytes)}):")
     for entry in manifest.files[:50]:
         print(f"    {entry.path}  {_human(entry.size)}  sha256:{entry.sha256[:12]}")

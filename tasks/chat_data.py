@@ -244,6 +244,12 @@ def load_pairs(files: list[str]) -> tuple[list[PreferencePair], list[dict]]:
     return pairs, bad
 
 
+def write_quarantine(path: str | Path, quarantine: list[dict]) -> None:
+    """The quarantined records, one JSON object a line ({file, record, reason}), for the stage's artifact."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine)
+
+
 def reason_counts(quarantine: list[dict]) -> dict[str, int]:
     """Quarantine entries -> {reason: count} for a manifest's `dropped` (details in parentheses stripped)."""
     out: dict[str, int] = {}

@@ -41,7 +41,7 @@ from pydantic import Field
 from storage.errors import SlmError
 from tasks.pretrain import ModelShape
 from tasks.registry import Stage, StageResult
-from tasks.sft import SftError, SftSettings, export, keyed_config, load_tokenizer, model_dir, prepare, run_training
+from tasks.sft import SftError, SftSettings, export, keyed_config, load_tokenizer, model_dir, run_training
 
 STAGE_VERSION = 1
 
@@ -217,11 +217,9 @@ def config(profile) -> DistillConfig:
 
 
 def run(cfg: DistillConfig, inputs: dict, out) -> StageResult:
-    import json
-
     from model import load_hf_dir
     from tasks.chat_data import reason_counts
-    from tasks.sft import engine_spec, save_conversations
+    from tasks.sft import engine_spec, prepare_chats
 
     teacher = teacher_dir(cfg.teacher, inputs.get("dpo"), out, "distill")
     if cfg.teacher and hf_digest(cfg.teacher, "stages.distill.teacher") != cfg.teacher_digest:
@@ -244,21 +242,9 @@ def run(cfg: DistillConfig, inputs: dict, out) -> StageResult:
         student = scratch_student(cfg, teacher_cfg, teacher, out)
 
     convs, bad = read_chats(cfg, "distill")
-    with open(out.path / "quarantine.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in bad)
-    if not convs:
-        raise DistillError(f"no conversation in the data ({len(bad)} records quarantined: see quarantine.jsonl)")
     tok = load_tokenizer(teacher)
-    train_docs, val_docs, stats = prepare(convs, tok, cfg.seq_len, cfg.val_fraction, cfg.seed)
-    if not train_docs:
-        raise DistillError(f"every conversation was held out or too long for seq_len {cfg.seq_len}")
-    work = out.scratch / "engine"
-    work.mkdir(parents=True, exist_ok=True)
-    save_conversations(work / "train.npz", train_docs)
-    save_conversations(work / "val.npz", val_docs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    data = {"builder": "tasks.sft:engine_data", "train": str(work / "train.npz"),
-            "validation": str(work / "val.npz") if val_docs else None, "pad_id": int(pad), "seed": cfg.seed}
+    chats = prepare_chats(cfg, convs, bad, tok, out, error=DistillError)
+    work, data, train_docs, val_docs, stats, pad = chats.work, chats.data, chats.train, chats.val, chats.stats, chats.pad
     objective = {"name": "distill", "teacher": str(teacher), "temperature": cfg.temperature, "alpha": cfg.alpha}
     spec = engine_spec(cfg, work, student, data, objective, {"stage": "distill", "key": out.key})
 

@@ -57,6 +57,7 @@ from pydantic import Field, model_validator
 
 from profiles.schema import Strict
 from storage.errors import SlmError
+from tasks.chat_data import write_quarantine
 from tasks.registry import Stage, StageResult
 from tasks.sft import ChatData
 
@@ -325,8 +326,7 @@ def run(cfg: DistillDataConfig, inputs: dict, out) -> StageResult:
     from tasks.distill import read_chats, teacher_dir
 
     convs, bad = read_chats(cfg, "distill_data")
-    with open(out.path / "quarantine.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in bad)
+    write_quarantine(out.path / "quarantine.jsonl", bad)
     prompts, duplicates = unique_prompts(convs)
     prompts = sample_prompts(prompts, cfg.max_prompts, cfg.seed)
     if not prompts:

@@ -39,6 +39,7 @@ from pydantic import Field
 
 from profiles.schema import Strict
 from storage.errors import SlmError
+from tasks.chat_data import write_quarantine
 from tasks.registry import Stage, StageResult
 from tasks.sft import (TrainSettings, data_files, engine_spec, export, held_out, keyed_config, load_tokenizer,
                        model_dir, run_training, tokenizer_dir)
@@ -225,8 +226,7 @@ def run(cfg: DpoConfig, inputs: dict, out) -> StageResult:
         raise DpoError("stages.dpo.data is empty: add preference data, e.g. "
                        "[{path: pairs.jsonl, format: preference}]")
     pairs, bad = read_pairs(cfg)
-    with open(out.path / "quarantine.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in bad)
+    write_quarantine(out.path / "quarantine.jsonl", bad)
     if not pairs:
         raise DpoError(f"no preference pair in the data ({len(bad)} records quarantined: see quarantine.jsonl)")
     init_dir = model_dir(cfg.init_from, inputs.get("sft"), out, "dpo")

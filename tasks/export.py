@@ -31,7 +31,7 @@ from pydantic import Field
 
 from profiles.schema import Strict
 from storage.errors import SlmError
-from tasks.eval import MODEL_STAGES, heldout_loss, heldout_rows, model_dir
+from tasks.eval import heldout_loss, heldout_rows, model_dir
 from tasks.registry import Stage, StageResult
 
 STAGE_VERSION = 1

@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 
 from profiles.schema import Strict
 from storage.errors import SlmError
+from tasks.chat_data import write_quarantine
 from tasks.registry import Stage, StageResult
 from tasks.rewards import RewardRule
 from tasks.sft import TrainSettings
@@ -167,8 +168,7 @@ def rl_run(cfg: RlSettings, inputs: dict, out, stage: str, upstream_policy: str,
         raise RlError(f"stages.{stage}.data is empty: add prompt data, e.g. "
                       "[{path: chats.jsonl, format: sharegpt}] (the sft/dpo entries work as they are)")
     prompts, bad = read_prompts(cfg, stage)
-    with open(out.path / "quarantine.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in bad)
+    write_quarantine(out.path / "quarantine.jsonl", bad)
     init_dir = model_dir(cfg.init_from, inputs.get(upstream_policy), out, stage)
     context = read_config_json(init_dir).get("max_position_embeddings")
     if context and cfg.seq_len > context:

@@ -25,7 +25,6 @@ Fails   when no pair is read or fits seq_len, with LoRA settings (not supported 
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from pydantic import Field
 
 from storage.errors import SlmError
 from tasks.dpo import PreferenceData
+from tasks.chat_data import write_quarantine
 from tasks.registry import Stage, StageResult
 from tasks.sft import TrainSettings
 
@@ -131,8 +131,7 @@ def run(cfg: RewardConfig, inputs: dict, out) -> StageResult:
         raise RewardError("stages.reward.data is empty: add preference data, e.g. "
                           "[{path: pairs.jsonl, format: preference}] (the dpo stage's entries work as they are)")
     pairs, bad = read_pairs(cfg, stage="reward")
-    with open(out.path / "quarantine.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in bad)
+    write_quarantine(out.path / "quarantine.jsonl", bad)
     if not pairs:
         raise RewardError(f"no preference pair in the data ({len(bad)} records quarantined: see quarantine.jsonl)")
     init_dir = model_dir(cfg.init_from, inputs.get("sft"), out, "reward")

@@ -38,6 +38,7 @@ import importlib.util
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +47,7 @@ from pydantic import Field
 
 from profiles.schema import Strict
 from storage.errors import SlmError
+from tasks.chat_data import write_quarantine
 from tasks.registry import Stage, StageResult
 from tasks.train.settings import EngineSettings
 
@@ -437,19 +439,26 @@ def run(cfg: SftConfig, inputs: dict, out) -> StageResult:
     return fine_tune(cfg, convs, bad, init_dir, tokenizer_dir(init_dir, inputs.get("tokenizer"), out), out, "sft")
 
 
-def fine_tune(cfg: TrainSettings, convs: list[list[dict]], bad: list[dict], init_dir: Path, tok_dir: Path, out,
-              stage: str, token_weights: dict[int, float] | None = None, error=SftError) -> StageResult:
-    """Conversations -> a fine-tuned model in out/hf (shared by sft and distill_sft): `bad` records to
-    quarantine.jsonl, tokenize / split / cut (`prepare`), train from init_dir (objective `sft`; with
-    `token_weights` {token id: weight} a target token's loss counts that many times), export, and
-    the held-out assistant loss before and after. Returns the stage's result."""
-    from tasks.chat_data import reason_counts
+@dataclass
+class ChatSet:
+    """Conversations made ready for the engine by `prepare_chats`."""
 
-    with open(out.path / "quarantine.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in bad)
+    work: Path  # the engine's working dir (train.npz / val.npz, checkpoints)
+    data: dict  # the run.json "data" section (builder tasks.sft:engine_data)
+    train: list  # [(ids, assistant mask)]
+    val: list
+    stats: object  # chat_data.FitStats: what the length limit cut
+    pad: int
+
+
+def prepare_chats(cfg: TrainSettings, convs: list[list[dict]], bad: list[dict], tok, out,
+                  token_weights: dict[int, float] | None = None, error=SftError) -> ChatSet:
+    """`bad` records to quarantine.jsonl; conversations tokenized by the chat template, split
+    (held-out share `val_fraction`), cut to seq_len + 1 (`prepare`) and saved for the engine under
+    out.scratch/engine. Fails when nothing is left to train on. Shared by sft, distill_sft and distill."""
+    write_quarantine(out.path / "quarantine.jsonl", bad)
     if not convs:
         raise error(f"no conversation in the data ({len(bad)} records quarantined: see quarantine.jsonl)")
-    tok = load_tokenizer(tok_dir)
     train_docs, val_docs, stats = prepare(convs, tok, cfg.seq_len, cfg.val_fraction, cfg.seed)
     if not train_docs:
         raise error(f"every conversation was held out or too long for seq_len {cfg.seq_len}")
@@ -462,6 +471,19 @@ def fine_tune(cfg: TrainSettings, convs: list[list[dict]], bad: list[dict], init
             "validation": str(work / "val.npz") if val_docs else None, "pad_id": int(pad), "seed": cfg.seed}
     if token_weights:
         data["token_weights"] = {str(k): float(v) for k, v in token_weights.items()}
+    return ChatSet(work, data, train_docs, val_docs, stats, int(pad))
+
+
+def fine_tune(cfg: TrainSettings, convs: list[list[dict]], bad: list[dict], init_dir: Path, tok_dir: Path, out,
+              stage: str, token_weights: dict[int, float] | None = None, error=SftError) -> StageResult:
+    """Conversations -> a fine-tuned model in out/hf (shared by sft and distill_sft): the data made
+    ready (`prepare_chats`; with `token_weights` {token id: weight} a target token's loss counts that
+    many times), training from init_dir (objective `sft`), export, and the held-out assistant loss
+    before and after. Returns the stage's result."""
+    from tasks.chat_data import reason_counts
+
+    chats = prepare_chats(cfg, convs, bad, load_tokenizer(tok_dir), out, token_weights, error)
+    work, data, train_docs, val_docs, stats, pad = chats.work, chats.data, chats.train, chats.val, chats.stats, chats.pad
     spec = engine_spec(cfg, work, init_dir, data, {"name": "sft"}, {"stage": stage, "key": out.key})
     before = heldout_loss(init_dir, val_docs, cfg.seq_len, pad) if val_docs else float("nan")
     final, records, resumed = run_training(spec, cfg, work, out, error=error)

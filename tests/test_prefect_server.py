@@ -130,6 +130,16 @@ def _retry_like_the_ui(stack: Stack, run_id: str) -> dict:
     return stack.api.post(f"/flow_runs/{run_id}/set_state", json={"state": state, "force": False}).raise_for_status().json()
 
 
+def _create_run(stack: Stack, deployment_id: str, parameters: dict) -> str:
+    """A flow run of the deployment; a 503 (SQLite busy while another run changes state) is retried."""
+    for attempt in range(5):
+        answer = stack.api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
+        if answer.status_code != 503:
+            break
+        time.sleep(1 + attempt)
+    return answer.raise_for_status().json()["id"]
+
+
 def _task_runs(stack: Stack, run_id: str) -> list[dict]:
     body = {"flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
     return stack.api.post("/task_runs/filter", json=body).raise_for_status().json()
@@ -155,9 +165,7 @@ def test_ui_retry_resumes_failed_run_without_redoing_finished_work(fail_at, pref
     api = prefect_stack.api
     deployment = api.get("/deployments/name/slm/full-pipeline").raise_for_status().json()
     parameters = {"profile": str(profile), "overrides": overrides, "until": fail_at}
-    run = api.post(f"/deployments/{deployment['id']}/create_flow_run",
-                   json={"parameters": parameters}).raise_for_status().json()
-    run_id = run["id"]
+    run_id = _create_run(prefect_stack, deployment["id"], parameters)
 
     first = _wait_final(prefect_stack, run_id)
     message = first["state"]["message"] or ""
@@ -230,8 +238,7 @@ def test_cancel_from_the_ui_stops_training_with_a_checkpoint(prefect_stack, http
     })
     api = prefect_stack.api
     deployment = api.get("/deployments/name/slm/full-pipeline").raise_for_status().json()
-    run_id = api.post(f"/deployments/{deployment['id']}/create_flow_run",
-                      json={"parameters": {"profile": str(profile), "until": "pretrain"}}).raise_for_status().json()["id"]
+    run_id = _create_run(prefect_stack, deployment["id"], {"profile": str(profile), "until": "pretrain"})
 
     deadline, metrics = time.monotonic() + RUN_TIMEOUT_S, None
     while time.monotonic() < deadline:  # until the engine has trained a few logged steps
@@ -261,8 +268,7 @@ def test_cancel_from_the_ui_stops_training_with_a_checkpoint(prefect_stack, http
     assert stops, records[-3:]
 
     # a new run of the same profile continues from that checkpoint
-    run2 = api.post(f"/deployments/{deployment['id']}/create_flow_run",
-                    json={"parameters": {"profile": str(profile), "until": "pretrain"}}).raise_for_status().json()["id"]
+    run2 = _create_run(prefect_stack, deployment["id"], {"profile": str(profile), "until": "pretrain"})
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
         resumed = [json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "resume"' in line]

@@ -61,7 +61,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .transformer import Transformer, apply_rope
+from .transformer import Transformer
 
 # --------------------------------------------------------------------------- sampling parameters
 
@@ -127,18 +127,6 @@ class KVCache:
 # --------------------------------------------------------------------------- the cached forward
 
 
-def _qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """The projections of model.transformer.Attention.forward: q (B, H, T, D), k and v (B, KV, T, D)."""
-    B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, attn.num_heads, attn.head_dim)
-    k = attn.k_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim)
-    v = attn.v_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
 def _ffn(layer, x: torch.Tensor) -> torch.Tensor:
     """The block's feed-forward on the post-attention norm (dense MLP or MoE, whose aux loss is dropped)."""
     out = layer.mlp(layer.post_attention_layernorm(x))
@@ -167,7 +155,7 @@ def prefill(model: Transformer, cache: KVCache, ids: torch.Tensor, pad: Sequence
     x = model.embed_tokens(ids)
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
-        q, k, v = _qkv(attn, layer.input_layernorm(x), cos, sin)
+        q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
         cache.k[i][:, :, :T] = k
         cache.v[i][:, :, :T] = v
         if mask is None:
@@ -220,7 +208,7 @@ def decode_step(
     blocked = ~cache.valid[:, None, None, :S] if use_mask else None  # once per step, not per layer
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
-        q, k, v = _qkv(attn, layer.input_layernorm(x), cos, sin)
+        q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
         cache.k[i].index_copy_(2, write_pos, k)
         cache.v[i].index_copy_(2, write_pos, v)
         y = _attend_one(q, cache.k[i][:, :, :S], cache.v[i][:, :, :S], blocked)

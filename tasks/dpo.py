@@ -218,20 +218,28 @@ def read_pairs(cfg: DpoConfig, stage: str = "dpo") -> tuple[list, list[dict]]:
     return pairs, bad
 
 
+def preference_inputs(cfg, inputs: dict, out, stage: str, error, hint: str = ""):
+    """What a preference stage (dpo, reward) starts from: the pairs of cfg.data (the quarantine
+    written to quarantine.jsonl), the model to train (the sft stage's hf/, or cfg.init_from), its
+    tokenizer dir and tokenizer. Fails, naming stages.<stage>.data, without data or usable pairs.
+    Returns (pairs, quarantine, model dir, tokenizer dir, tokenizer)."""
+    if not cfg.data:
+        raise error(f"stages.{stage}.data is empty: add preference data, e.g. "
+                    f"[{{path: pairs.jsonl, format: preference}}]{hint}")
+    pairs, bad = read_pairs(cfg, stage)
+    write_quarantine(out.path / "quarantine.jsonl", bad)
+    if not pairs:
+        raise error(f"no preference pair in the data ({len(bad)} records quarantined: see quarantine.jsonl)")
+    init_dir = model_dir(cfg.init_from, inputs.get("sft"), out, stage)
+    tok_dir = tokenizer_dir(init_dir, None, out)
+    return pairs, bad, init_dir, tok_dir, load_tokenizer(tok_dir)
+
+
 def run(cfg: DpoConfig, inputs: dict, out) -> StageResult:
     from model import load_hf_dir
     from tasks.chat_data import reason_counts
 
-    if not cfg.data:
-        raise DpoError("stages.dpo.data is empty: add preference data, e.g. "
-                       "[{path: pairs.jsonl, format: preference}]")
-    pairs, bad = read_pairs(cfg)
-    write_quarantine(out.path / "quarantine.jsonl", bad)
-    if not pairs:
-        raise DpoError(f"no preference pair in the data ({len(bad)} records quarantined: see quarantine.jsonl)")
-    init_dir = model_dir(cfg.init_from, inputs.get("sft"), out, "dpo")
-    tok_dir = tokenizer_dir(init_dir, None, out)
-    tok = load_tokenizer(tok_dir)
+    pairs, bad, init_dir, tok_dir, tok = preference_inputs(cfg, inputs, out, "dpo", DpoError)
 
     pair_dir = out.path / "pairs"
     pair_dir.mkdir(exist_ok=True)

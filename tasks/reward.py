@@ -33,7 +33,6 @@ from pydantic import Field
 
 from storage.errors import SlmError
 from tasks.dpo import PreferenceData
-from tasks.chat_data import write_quarantine
 from tasks.registry import Stage, StageResult
 from tasks.sft import TrainSettings
 
@@ -122,21 +121,13 @@ def run(cfg: RewardConfig, inputs: dict, out) -> StageResult:
 
     from model.reward import engine_model, load_reward_model
     from tasks.chat_data import reason_counts
-    from tasks.dpo import encode_pairs, read_pairs
-    from tasks.sft import engine_spec, held_out, load_tokenizer, model_dir, run_training, tokenizer_dir
+    from tasks.dpo import encode_pairs, preference_inputs
+    from tasks.sft import engine_spec, held_out, run_training
 
     if cfg.lora:
         raise RewardError("stages.reward.lora: LoRA is not supported for the reward model; remove it")
-    if not cfg.data:
-        raise RewardError("stages.reward.data is empty: add preference data, e.g. "
-                          "[{path: pairs.jsonl, format: preference}] (the dpo stage's entries work as they are)")
-    pairs, bad = read_pairs(cfg, stage="reward")
-    write_quarantine(out.path / "quarantine.jsonl", bad)
-    if not pairs:
-        raise RewardError(f"no preference pair in the data ({len(bad)} records quarantined: see quarantine.jsonl)")
-    init_dir = model_dir(cfg.init_from, inputs.get("sft"), out, "reward")
-    tok_dir = tokenizer_dir(init_dir, None, out)
-    tok = load_tokenizer(tok_dir)
+    pairs, bad, init_dir, tok_dir, tok = preference_inputs(cfg, inputs, out, "reward", RewardError,
+                                                           " (the dpo stage's entries work as they are)")
 
     work = out.scratch / "engine"
     work.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,17 @@ from http_server import FileServer  # noqa: E402
 _buckets = itertools.count()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one thread is fastest and immune to other processes on a busy 2-core box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def slm_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "slm-home"

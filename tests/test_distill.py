@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +34,7 @@ from tasks.train import checkpoint as ckpt
 from tasks.train.data import IGNORE
 from tasks.train.engine import TrainConfig, train
 from tasks.train.objectives import SFT, Distill
+from tests.app_server import serving
 from tests.chat_support import chatterbot_conversations, chatterbot_files, make_model_dir, make_tokenizer_dir
 
 SEQ = 64
@@ -201,26 +199,13 @@ def test_tokenizer_mismatch_and_a_student_that_is_not_smaller_fail_clearly(model
 @pytest.fixture()
 def server(models):
     """serve/api.py serving the teacher on 127.0.0.1 (a free port), API key required."""
-    import uvicorn
-
     from serve.api import ServeConfig, create_app
 
     secret = f"sk-slm-test-{uuid.uuid4().hex}"
     app = create_app(models.teacher, ServeConfig(model_name="teacher-chat", api_key=secret, max_prompt_tokens=160),
                      device="cpu")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start within 30 s"
-        time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", key=secret)
-    srv.should_exit = True
-    thread.join(timeout=15)
-    sock.close()
+    with serving(app) as url:
+        yield SimpleNamespace(url=url + "/v1", key=secret)
 
 
 def test_black_box_distillation_from_an_openai_compatible_server(models, server, slm_home, tmp_path, monkeypatch):

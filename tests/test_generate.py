@@ -13,16 +13,9 @@ from model import ModelConfig, Transformer, load_hf_dir
 from model.generate import Detokenizer, Engine, SamplingParams
 from tinychat import make_chat_model_dir
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = ["这本书很好看", "我", "今天天气不错，我们一起去公园散步吧。"]  # 3 different token lengths
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest and immune to other processes on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

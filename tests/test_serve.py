@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,20 +19,14 @@ import torch
 
 from model.generate import Engine, SamplingParams
 from serve.api import ServeConfig, create_app
+from app_server import serving
 from tinychat import make_chat_model_dir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 LIMITS = ServeConfig(max_body_bytes=20_000, max_tokens_cap=64, default_max_tokens=16, max_prompt_tokens=200)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest and immune to other processes on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -49,23 +42,9 @@ def reference(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    import uvicorn
-
     app = create_app(model_dir, LIMITS, device="cpu")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start within 30 s"
-        time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", name="tiny-chat", app=app)
-    srv.should_exit = True
-    thread.join(timeout=15)
-    sock.close()
+    with serving(app) as url:
+        yield SimpleNamespace(url=url, name="tiny-chat", app=app)
 
 
 @pytest.fixture()

@@ -3,12 +3,10 @@ likelihood rising with training, and exact resume after kill -9 (CPU, tiny model
 from __future__ import annotations
 
 import json
-import signal
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tasks.chat_data import FitStats, encode_conversation, fit_length
 from tasks.sft import ChatValidation, PackedChats, heldout_loss, load_tokenizer, prepare, save_conversations
@@ -17,7 +15,7 @@ from tasks.train.data import IGNORE
 from tasks.train.engine import TrainConfig, train
 from tasks.train.objectives import SFT
 from tests.chat_support import chatterbot_conversations, make_model_dir, make_tokenizer_dir
-from tests.test_train_resume import engine, losses, wait_for
+from tests.test_train_resume import assert_kill_9_then_resume_is_identical
 
 SEQ = 64
 
@@ -104,20 +102,7 @@ def test_kill_9_then_resume_reproduces_sft_exactly(setup, tmp_path):
         (out / "run.json").write_text(json.dumps(spec))
         return out
 
-    straight, killed = config("straight"), config("killed")
-    p_straight = engine(straight / "run.json")
-    p = engine(killed / "run.json")
-    wait_for(lambda: len(ckpt.list_checkpoints(killed / "checkpoints")) >= 2, timeout=50)
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=10)
-    assert ckpt.latest_checkpoint(killed / "checkpoints") is not None
-    resumed = engine(killed / "run.json")
-    assert resumed.wait(timeout=50) == 0, resumed.stderr.read()
-    assert p_straight.wait(timeout=50) == 0, p_straight.stderr.read()
-    assert losses(killed) == losses(straight)
-    a = load_file(ckpt.latest_checkpoint(straight / "checkpoints") / "model.safetensors")
-    b = load_file(ckpt.latest_checkpoint(killed / "checkpoints") / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_9_then_resume_is_identical(config("straight"), config("killed"))
 
 
 def test_lora_trains_adapters_only_and_merges_to_the_same_hf_format(setup, tmp_path):

@@ -74,6 +74,27 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if r["kind"] == "train"}
 
 
+def assert_kill_9_then_resume_is_identical(straight: Path, killed: Path) -> int:
+    """Run the engine on two identical run dirs (run.json in each): one straight through, the other
+    SIGKILLed once it holds two checkpoints, then started again. Asserts equal per-step losses and
+    bitwise-equal final weights; returns the step the killed run resumed from."""
+    p_straight = engine(straight / "run.json")
+    p = engine(killed / "run.json")
+    wait_for(lambda: len(ckpt.list_checkpoints(killed / "checkpoints")) >= 2, timeout=50)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=10)
+    latest = ckpt.latest_checkpoint(killed / "checkpoints")
+    assert latest is not None
+    resumed = engine(killed / "run.json")
+    assert resumed.wait(timeout=50) == 0, resumed.stderr.read()
+    assert p_straight.wait(timeout=50) == 0, p_straight.stderr.read()
+    assert losses(killed) == losses(straight)
+    a = load_file(ckpt.latest_checkpoint(straight / "checkpoints") / "model.safetensors")
+    b = load_file(ckpt.latest_checkpoint(killed / "checkpoints") / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    return ckpt.checkpoint_step(latest)
+
+
 def test_kill_9_then_resume_is_bitwise_identical(tmp_path, shards):
     straight_cfg = write_config(tmp_path, shards, "straight")
     straight = engine(straight_cfg)  # runs beside the killed one (one thread each)

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.transformer import COMPILE_OPTIONS
 from tasks.train import checkpoint as ckpt
 from tasks.train.schedule import Schedule
 
@@ -450,7 +451,8 @@ def train(
     if hasattr(data, "attach_model"):  # on-policy data (RL rollouts) samples from the model being trained
         data.attach_model(base)
     compile = cfg.compile if cfg.compile is not None else cuda
-    loss_fn = torch.compile(objective.loss) if compile else objective.loss
+    # COMPILE_OPTIONS: what the model's document-masked flex attention needs (see model/transformer.py)
+    loss_fn = torch.compile(objective.loss, options=COMPILE_OPTIONS) if compile else objective.loss
     flops_per_token = base.config.flops_per_token(cfg.seq_len) if hasattr(getattr(base, "config", None), "flops_per_token") else 0
     peak = peak_flops_per_device(cfg, d.device)
     params = [p for p in base.parameters() if p.requires_grad]

@@ -214,3 +214,42 @@ def test_engine_runs_without_orchestration_libraries():
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+class LossTurnsNaN:
+    """A causal-LM objective whose loss becomes NaN from its `after`-th call on (a diverging run)."""
+
+    def __init__(self, after: int):
+        from tasks.train.objectives import CausalLM
+
+        self.inner, self.calls, self.after = CausalLM(), 0, after
+
+    def count(self, batch):
+        return self.inner.count(batch)
+
+    def loss(self, model, batch):
+        self.calls += 1
+        out = self.inner.loss(model, batch)
+        return {"sum": out["sum"] * float("nan")} if self.calls >= self.after else out
+
+
+@pytest.mark.parametrize("log_every", [1, 2, 5])
+def test_a_diverging_run_stops_before_checkpointing_a_nan(tmp_path, log_every):
+    """Records are read from the device one step late; a checkpoint still never follows a NaN loss,
+    whether or not the NaN step was a log step, and every train record precedes its step's checkpoint."""
+    from tasks.train.engine import TrainConfig, train
+
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=8, seq_len=16, micro_batch=2, global_batch=2, lr=1e-3,
+                      warmup_steps=1, log_every=log_every, ckpt_every=1, keep_last=10, threads=1)
+    model_cfg = ModelConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    data = PackedBatches(ArrayDocuments(docs_of([5, 9, 30, 7, 12])), seq_len=16)
+    with pytest.raises(FloatingPointError, match="by step 4"):
+        train(cfg, lambda: Transformer(model_cfg), LossTurnsNaN(after=4), data)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [f"step_0000000{i}" for i in (1, 2, 3)]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    logged = [r["step"] for r in records if r["kind"] == "train"]
+    assert logged == [s for s in (1, 2, 3) if s % log_every == 0]
+    assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    order = [(r["kind"], r["step"]) for r in records if r["kind"] in ("train", "checkpoint")]
+    for s in logged:
+        assert order.index(("train", s)) < order.index(("checkpoint", s))

@@ -343,6 +343,11 @@ def _sync_context(model: torch.nn.Module, cfg: TrainConfig, d: Dist, last: bool)
     return contextlib.nullcontext() if last else model.no_sync()
 
 
+def raise_not_finite(loss: float, step: int, lr: float):
+    raise FloatingPointError(f"training loss is {loss} by step {step}: lower lr (now {lr:g}) or check the data; "
+                             "no checkpoint was written from this point")
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -458,7 +463,9 @@ def train(
     params = [p for p in base.parameters() if p.requires_grad]
 
     def save(reason: str) -> Path:
-        finish_record()  # a checkpoint is never written ahead of its step's train record (nor after a NaN)
+        finish_record()  # a checkpoint never comes ahead of its step's train record
+        if not math.isfinite(float(interval_nats)):  # nor after a non-finite loss, logged or not yet
+            raise_not_finite(float("nan"), step, optimizer.param_groups[0]["lr"])
         trainer = {"step": step, "tokens": tokens, "schedule": sched.state_dict(), "data": _plain(data.state_dict()),
                    "world_size": d.world, "reason": reason, "extra": _plain(extra_state or {})}
         if sharded:  # gathered to rank 0 (the others get empty dicts)
@@ -549,8 +556,7 @@ def train(
         nats_v, gnorm, *stat_values = p["values"].tolist()
         loss_v = nats_v / max(p["count"], 1)
         if not math.isfinite(loss_v):
-            raise FloatingPointError(
-                f"training loss is {loss_v} at step {p['step']}: lower lr (now {p['lr']:g}) or check the data")
+            raise_not_finite(loss_v, p["step"], p["lr"])
         tps = p["steps"] * tokens_per_step / max(elapsed, 1e-9)
         rec = {"kind": "train", "step": p["step"], "loss": loss_v, "lr": p["lr"], "grad_norm": gnorm,
                "tokens": p["tokens"], "tokens_per_s": tps, "peak_mem_gib": p["peak_mem_gib"]}

@@ -1,6 +1,6 @@
 """Pretraining throughput on one GPU: our engine (eager and compiled) vs stock transformers.
 
-    python benchmarks/pretrain.py                 # zh-64m shape on a GPU (H100: ~3 minutes)
+    python benchmarks/pretrain.py                 # zh-64m shape on a GPU (H100: ~4 minutes)
     python benchmarks/pretrain.py --smoke         # tiny shapes, a few steps, runs on a CPU
 
 On a GPU box without the pipeline's dependencies (pydantic, fsspec, prefect, ...), build

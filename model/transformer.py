@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch import nn
 
@@ -175,8 +176,8 @@ except ImportError:  # pragma: no cover
 # document on average) zh-64m's attention takes 2.01 instead of 2.58 ms forward + backward per
 # layer on an H100. Inductor's default backward kernel for head_dim <= 128 on that GPU needs
 # 128-token blocks, and it offers the smaller kernels only when max_autotune is on. So:
-#  * FLEX_KERNEL_OPTIONS pins one kernel config (forward and backward): nothing is autotuned, and a
-#    resumed run gets the same kernels, hence the same numbers;
+#  * FLEX_KERNEL_OPTIONS pins one kernel config (forward and backward): every candidate that
+#    max_autotune times is that same kernel, so a resumed run gets the same kernels and numbers;
 #  * every torch.compile that traces this attention passes COMPILE_OPTIONS (the training engine
 #    does, and `_flex` for callers that do not compile); GEMMs stay on cuBLAS (ATEN), as by default.
 FLEX_BLOCK_SIZE = 64
@@ -184,7 +185,11 @@ FLEX_KERNEL_OPTIONS = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
     "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3,
 }
-COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}
+# The timing report of those identical candidates (dozens of lines on stderr per compile) is turned
+# off where this torch has the switches.
+_QUIET = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN",
+                   **{k: v for k, v in _QUIET.items() if hasattr(inductor_config, k)}}
 _compiled_flex = None
 
 

@@ -216,13 +216,14 @@ def test_engine_runs_without_orchestration_libraries():
     assert done.stdout.strip() == "ok", done.stderr
 
 
-class LossTurnsNaN:
-    """A causal-LM objective whose loss becomes NaN from its `after`-th call on (a diverging run)."""
+class TurnsNaN:
+    """A causal-LM objective that diverges from its `after`-th call on: the loss becomes NaN ("loss"),
+    or the loss stays finite while one gradient becomes NaN ("grad": d sqrt(u)/du at u = 0, times 0)."""
 
-    def __init__(self, after: int):
+    def __init__(self, after: int, what: str):
         from tasks.train.objectives import CausalLM
 
-        self.inner, self.calls, self.after = CausalLM(), 0, after
+        self.inner, self.calls, self.after, self.what = CausalLM(), 0, after, what
 
     def count(self, batch):
         return self.inner.count(batch)
@@ -230,13 +231,19 @@ class LossTurnsNaN:
     def loss(self, model, batch):
         self.calls += 1
         out = self.inner.loss(model, batch)
-        return {"sum": out["sum"] * float("nan")} if self.calls >= self.after else out
+        if self.calls < self.after:
+            return out
+        if self.what == "loss":
+            return {"sum": out["sum"] * float("nan")}
+        return {"sum": out["sum"] + (model.lm_head.weight[0, 0] * 0).sqrt()}
 
 
+@pytest.mark.parametrize("what", ["loss", "grad"])
 @pytest.mark.parametrize("log_every", [1, 2, 5])
-def test_a_diverging_run_stops_before_checkpointing_a_nan(tmp_path, log_every):
-    """Records are read from the device one step late; a checkpoint still never follows a NaN loss,
-    whether or not the NaN step was a log step, and every train record precedes its step's checkpoint."""
+def test_a_diverging_run_stops_before_checkpointing_it(tmp_path, log_every, what):
+    """Records are read from the device one step late; a checkpoint still never follows a NaN loss or
+    gradient, whether or not the bad step was a log step, and every train record precedes its step's
+    checkpoint."""
     from tasks.train.engine import TrainConfig, train
 
     cfg = TrainConfig(out_dir=str(tmp_path), steps=8, seq_len=16, micro_batch=2, global_batch=2, lr=1e-3,
@@ -244,12 +251,45 @@ def test_a_diverging_run_stops_before_checkpointing_a_nan(tmp_path, log_every):
     model_cfg = ModelConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
     data = PackedBatches(ArrayDocuments(docs_of([5, 9, 30, 7, 12])), seq_len=16)
     with pytest.raises(FloatingPointError, match="by step 4"):
-        train(cfg, lambda: Transformer(model_cfg), LossTurnsNaN(after=4), data)
+        train(cfg, lambda: Transformer(model_cfg), TurnsNaN(after=4, what=what), data)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [f"step_0000000{i}" for i in (1, 2, 3)]
     records = read_metrics(tmp_path / "metrics.jsonl")
     logged = [r["step"] for r in records if r["kind"] == "train"]
-    assert logged == [s for s in (1, 2, 3) if s % log_every == 0]
+    last_logged = 4 if what == "grad" else 3  # a finite loss is still logged at the bad step
+    assert logged == [s for s in range(1, last_logged + 1) if s % log_every == 0]
     assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "train")
     order = [(r["kind"], r["step"]) for r in records if r["kind"] in ("train", "checkpoint")]
     for s in logged:
-        assert order.index(("train", s)) < order.index(("checkpoint", s))
+        if s < 4:
+            assert order.index(("train", s)) < order.index(("checkpoint", s))
+
+
+class FailsAt:
+    """A causal-LM objective that raises on its `at`-th call (an OOM or a data error mid-run)."""
+
+    def __init__(self, at: int):
+        from tasks.train.objectives import CausalLM
+
+        self.inner, self.calls, self.at = CausalLM(), 0, at
+
+    def count(self, batch):
+        return self.inner.count(batch)
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("out of memory (simulated by the test objective)")
+        return self.inner.loss(model, batch)
+
+
+def test_the_last_logged_step_is_recorded_when_the_next_step_fails(tmp_path):
+    """A step's record is written while the next step runs; if that step fails, the record still lands."""
+    from tasks.train.engine import TrainConfig, train
+
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=8, seq_len=16, micro_batch=2, global_batch=2, lr=1e-3,
+                      warmup_steps=1, log_every=1, ckpt_every=0, threads=1)
+    model_cfg = ModelConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    data = PackedBatches(ArrayDocuments(docs_of([5, 9, 30, 7, 12])), seq_len=16)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(cfg, lambda: Transformer(model_cfg), FailsAt(4), data)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]

@@ -343,8 +343,8 @@ def _sync_context(model: torch.nn.Module, cfg: TrainConfig, d: Dist, last: bool)
     return contextlib.nullcontext() if last else model.no_sync()
 
 
-def raise_not_finite(loss: float, step: int, lr: float):
-    raise FloatingPointError(f"training loss is {loss} by step {step}: lower lr (now {lr:g}) or check the data; "
+def raise_not_finite(what: str, step: int, lr: float):
+    raise FloatingPointError(f"training {what} by step {step}: lower lr (now {lr:g}) or check the data; "
                              "no checkpoint was written from this point")
 
 
@@ -463,9 +463,13 @@ def train(
     params = [p for p in base.parameters() if p.requires_grad]
 
     def save(reason: str) -> Path:
-        finish_record()  # a checkpoint never comes ahead of its step's train record
-        if not math.isfinite(float(interval_nats)):  # nor after a non-finite loss, logged or not yet
-            raise_not_finite(float("nan"), step, optimizer.param_groups[0]["lr"])
+        finish_record()  # a checkpoint never comes ahead of its step's train record,
+        # nor after a non-finite loss or gradient, logged or not (all ranks agree: the loss is per rank)
+        finite = torch.stack([interval_nats.float(), _full(grad_norm).float().to(d.device)]).isfinite().all().float()
+        if d.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise_not_finite("loss or gradient norm is not finite", step, optimizer.param_groups[0]["lr"])
         trainer = {"step": step, "tokens": tokens, "schedule": sched.state_dict(), "data": _plain(data.state_dict()),
                    "world_size": d.world, "reason": reason, "extra": _plain(extra_state or {})}
         if sharded:  # gathered to rank 0 (the others get empty dicts)
@@ -542,21 +546,34 @@ def train(
         interval_count, interval_steps = 0, 0
         interval_stats, interval_micro = {}, 0
 
+    @contextlib.contextmanager
+    def paused():
+        """Eval and checkpoints: their time is left out of the tokens/s of the interval they fall in
+        (timed from the GPU having finished the queued training work)."""
+        nonlocal paused_s
+        if cuda:
+            torch.cuda.synchronize(d.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            paused_s += time.perf_counter() - start
+
     def finish_record() -> None:
         """Write the queued train record (no-op if none). Tokens/s spans this wait's end to the previous
-        one's, i.e. the GPU finishing one logged step to finishing the next, eval and checkpoints excluded."""
-        nonlocal pending, clock
+        one's, i.e. the GPU finishing one logged step to finishing the next, less the `paused` time."""
+        nonlocal pending, clock, paused_s
         if pending is None:
             return
         p, pending = pending, None
         if p["ready"] is not None:
             p["ready"].synchronize()
         now = time.perf_counter()
-        elapsed, clock = now - clock, now
+        elapsed, clock, paused_s = now - clock - paused_s, now, 0.0
         nats_v, gnorm, *stat_values = p["values"].tolist()
         loss_v = nats_v / max(p["count"], 1)
         if not math.isfinite(loss_v):
-            raise_not_finite(loss_v, p["step"], p["lr"])
+            raise_not_finite(f"loss is {loss_v}", p["step"], p["lr"])
         tps = p["steps"] * tokens_per_step / max(elapsed, 1e-9)
         rec = {"kind": "train", "step": p["step"], "loss": loss_v, "lr": p["lr"], "grad_norm": gnorm,
                "tokens": p["tokens"], "tokens_per_s": tps, "peak_mem_gib": p["peak_mem_gib"]}
@@ -577,7 +594,7 @@ def train(
     interval_micro = 0
     grad_norm = torch.zeros((), device=d.device)
     pending: dict | None = None  # the last log step's train record, its numbers still on the way (start_record)
-    clock = time.perf_counter()
+    clock, paused_s = time.perf_counter(), 0.0
     last_ckpt = resume
     val_result: dict = {}
     stopped: str | None = None
@@ -617,20 +634,24 @@ def train(
             if step % cfg.log_every == 0 or last:
                 start_record(lr)
             if val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-                val_result = evaluate()
+                with paused():
+                    val_result = evaluate()
                 log.write({"kind": "eval", "step": step, **val_result})
                 if d.main:
                     print(f"step {step} eval " + " ".join(f"{k} {v:.4f}" for k, v in val_result.items()), flush=True)
-                clock = time.perf_counter()
             stopping = stop.should_stop()
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or stopping:
-                last_ckpt = save("stop: " + stop.reason if stopping else ("final" if last else "periodic"))
-                clock = time.perf_counter()
+                with paused():
+                    last_ckpt = save("stop: " + stop.reason if stopping else ("final" if last else "periodic"))
             if stopping and not last:
                 stopped = stop.reason
                 break
         finish_record()
         log.write({"kind": "end", "step": step, "tokens": tokens, "stopped": stopped})
+    except BaseException:
+        with contextlib.suppress(Exception):
+            finish_record()  # the last logged step's record (it finished) before the error goes up
+        raise
     finally:
         stop.close()
         log.close()

@@ -464,11 +464,10 @@ def train(
 
     def save(reason: str) -> Path:
         finish_record()  # a checkpoint never comes ahead of its step's train record,
-        # nor after a non-finite loss or gradient, logged or not (all ranks agree: the loss is per rank)
-        finite = torch.stack([interval_nats.float(), _full(grad_norm).float().to(d.device)]).isfinite().all().float()
-        if d.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
+        # nor after a non-finite gradient norm or loss, logged or not. Every rank decides alike without a
+        # collective: the grad norm is of the all-reduced gradients (a NaN loss on any rank makes them
+        # NaN), and the per-rank loss is checked only in a single process.
+        if not math.isfinite(float(_full(grad_norm))) or (d.world == 1 and not math.isfinite(float(interval_nats))):
             raise_not_finite("loss or gradient norm is not finite", step, optimizer.param_groups[0]["lr"])
         trainer = {"step": step, "tokens": tokens, "schedule": sched.state_dict(), "data": _plain(data.state_dict()),
                    "world_size": d.world, "reason": reason, "extra": _plain(extra_state or {})}

@@ -235,9 +235,20 @@ def preference_inputs(cfg, inputs: dict, out, stage: str, error, hint: str = "")
     return pairs, bad, init_dir, tok_dir, load_tokenizer(tok_dir)
 
 
+def preference_dropped(bad: list[dict], counts: dict[str, int]) -> dict[str, int]:
+    """The `dropped` of a preference stage (dpo, reward): quarantine reasons, plus the pairs whose
+    prompt alone filled seq_len (encode_pairs' prompt_too_long, train and val)."""
+    from tasks.chat_data import reason_counts
+
+    dropped = reason_counts(bad)
+    too_long = counts.get("train_prompt_too_long", 0) + counts.get("val_prompt_too_long", 0)
+    if too_long:
+        dropped["prompt longer than seq_len"] = too_long
+    return dropped
+
+
 def run(cfg: DpoConfig, inputs: dict, out) -> StageResult:
     from model import load_hf_dir
-    from tasks.chat_data import reason_counts
 
     pairs, bad, init_dir, tok_dir, tok = preference_inputs(cfg, inputs, out, "dpo", DpoError)
 
@@ -273,13 +284,9 @@ def run(cfg: DpoConfig, inputs: dict, out) -> StageResult:
     final, records, resumed = run_training(spec, cfg, work, out, error=DpoError)
     export(final, tok_dir, out, cfg.lora)
     after = preference_metrics(load_hf_dir(out.path / "hf")[0], val_arrays, cfg.beta) if has_val else {}
-    for k, v in after.items():
-        out.log_metrics({f"heldout_{k}": v}, step=cfg.steps)
+    out.log_metrics({f"heldout_{k}": v for k, v in after.items()}, step=cfg.steps)
 
-    dropped = reason_counts(bad)
-    too_long = counts.get("train_prompt_too_long", 0) + counts.get("val_prompt_too_long", 0)
-    if too_long:
-        dropped["prompt longer than seq_len"] = too_long
+    dropped = preference_dropped(bad, counts)
     fmt = lambda m: (f"accuracy {m['logp_accuracy']:.2f}, log-prob margin {m['logp_margin']:.2f}"  # noqa: E731
                      if m else "no held-out pairs")
     return StageResult(

@@ -215,8 +215,7 @@ def rl_run(cfg: RlSettings, inputs: dict, out, stage: str, upstream_policy: str,
     final, records, resumed = run_training(spec, cfg, work, out, error=RlError, extra_metrics=RL_METRICS)
     export_fn(final, tok_dir, out)
     after = evaluate(out.path / "hf")
-    for k, v in after.items():
-        out.log_metrics({f"heldout_{k}": v}, step=cfg.steps)
+    out.log_metrics({f"heldout_{k}": v for k, v in after.items()}, step=cfg.steps)
 
     train_recs = [r for r in records if r.get("kind") == "train"]
     last = {k: train_recs[-1][k] for k in RL_METRICS if train_recs and k in train_recs[-1]}

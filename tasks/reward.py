@@ -120,8 +120,7 @@ def run(cfg: RewardConfig, inputs: dict, out) -> StageResult:
     import torch
 
     from model.reward import engine_model, load_reward_model
-    from tasks.chat_data import reason_counts
-    from tasks.dpo import encode_pairs, preference_inputs
+    from tasks.dpo import encode_pairs, preference_dropped, preference_inputs
     from tasks.sft import engine_spec, held_out, run_training
 
     if cfg.lora:
@@ -155,13 +154,9 @@ def run(cfg: RewardConfig, inputs: dict, out) -> StageResult:
     shutil.copytree(final, out.path / "checkpoint")
     export_checkpoint(final, tok_dir, out.path)
     after = pair_metrics(load_reward_model(out.path), arrays["val"]) if has_val else {}
-    for k, v in after.items():
-        out.log_metrics({f"heldout_{k}": v}, step=cfg.steps)
+    out.log_metrics({f"heldout_{k}": v for k, v in after.items()}, step=cfg.steps)
 
-    dropped = reason_counts(bad)
-    too_long = counts.get("train_prompt_too_long", 0) + counts.get("val_prompt_too_long", 0)
-    if too_long:
-        dropped["prompt longer than seq_len"] = too_long
+    dropped = preference_dropped(bad, counts)
     fmt = lambda m: f"accuracy {m['accuracy']:.2f}, margin {m['margin']:.3f}" if m else "no held-out pairs"  # noqa: E731
     return StageResult(
         counts={"pairs": len(pairs), **counts, "quarantined": len(bad), "steps": cfg.steps},

@@ -14,7 +14,7 @@ Split   the pre-tokenizer cuts runs of CJK characters (Han, kana) into pieces of
         `max_cjk_run` characters, and splits off digits (one each), punctuation, whitespace
         and other letters (GPT-style). Unspaced Chinese would otherwise become one long,
         unique "word" per clause, and the BPE trainer's memory grows with the corpus
-        (DESIGN.md, "Known dependency facts"). Merges stay inside a piece, so tokens of up
+        (docs/operations.md, "Known dependency facts"). Merges stay inside a piece, so tokens of up
         to `max_cjk_run` Chinese characters remain possible (measured in benchmarks/shard.py:
         4 keeps ~96% of the unbounded split's characters per token).
 Sample  each document gets a fixed pseudo-random number u in [0, 1) from (seed, its position

@@ -42,8 +42,9 @@ def build(out: Path, tokenizer_dir: Path, data: Path) -> None:
     from transformers import AutoTokenizer
 
     from tasks.chat_data import load_conversations, load_pairs
-    from tasks.dpo import encode_pairs
-    from tasks.sft import prepare, save_conversations
+    from tasks.train.chats import save_conversations
+    from tasks.train.finetune import prepare
+    from tasks.train.pairs import encode_pairs
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     files = [(str(data / "sft" / "alpaca_zh_demo.json"), "alpaca"), (str(data / "sft" / "identity.json"), "alpaca"),
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.data is None:
         raise SystemExit("pass --data DIR (made by --build) or --build DIR")
-    from tasks.dpo import PairBatches, load_arrays
-    from tasks.sft import PackedChats, load_conversations_npz
+    from tasks.train.chats import PackedChats, load_conversations_npz
+    from tasks.train.pairs import PairBatches, load_arrays
     from tasks.train.objectives import DPO, SFT
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

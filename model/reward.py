@@ -75,7 +75,7 @@ class RewardModel(Transformer):
 
 
 def engine_model(spec: dict) -> RewardModel:
-    """The engine's model builder (run.json "model": {"builder": "model.reward:engine_model",
+    """The engine's model builder (run.json "model": {"builder": "reward_head" (tasks/train/builders.py),
     "init_from": HF dir, "head": head.safetensors path | None, "head_std": float}): the backbone of
     `init_from` with the given head, or a fresh one (zero, or N(0, head_std) from the engine's seed)."""
     from safetensors.torch import load_file

@@ -32,6 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
+# The special tokens of the tokenizer stage's vocabulary (ids 0..5, in this order) and its ChatML template.
+EOS = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD = "<|pad|>"
+THINK, END_THINK = "<think>", "</think>"  # a reply's reasoning block
+NAMED_SPECIAL = (EOS, IM_START, IM_END, PAD, THINK, END_THINK)
+
 FORMATS = ("alpaca", "sharegpt", "openai", "chatterbot", "preference")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
           "model": "assistant", "system": "system"}

@@ -38,19 +38,15 @@ from pathlib import Path
 
 from pydantic import Field
 
-from storage.errors import SlmError
-from tasks.pretrain import ModelShape
 from tasks.registry import Stage, StageResult
-from tasks.sft import SftError, SftSettings, export, keyed_config, load_tokenizer, model_dir, run_training
+from tasks.train.settings import ChatSettings, ModelShape
+from tasks.train.stage import engine_spec, export, keyed_config, load_tokenizer, model_section, run_training
+from tasks.train.teacher import DistillError, hf_digest, read_chats, teacher_dir, with_sft_data
 
 STAGE_VERSION = 1
 
 
-class DistillError(SlmError):
-    pass
-
-
-class DistillSettings(SftSettings):
+class DistillSettings(ChatSettings):
     """data / system_prompt: empty -> the sft stage's. `init_from`: the student's starting weights."""
 
     teacher: str | None = None  # an HF directory; None -> the dpo stage's hf/
@@ -65,50 +61,6 @@ class DistillConfig(DistillSettings):
     init_digest: str | None = None
     data_digests: list[list[str]] = []
     teacher_digest: str | None = None  # what `teacher` held when the key was made
-
-
-# --------------------------------------------------------------------------- shared with distill_data
-
-
-def with_sft_data(settings, profile):
-    """Chat settings whose `data` is empty take the sft stage's `data` and `system_prompt`."""
-    if settings.data:
-        return settings
-    sft = profile.stages.sft
-    return settings.model_copy(update={"data": sft.data, "system_prompt": settings.system_prompt or sft.system_prompt})
-
-
-def hf_digest(path: str, where: str) -> str:
-    """tasks.pretrain.init_digest of an HF directory, with an error naming the profile field."""
-    from tasks.pretrain import init_digest
-
-    root = Path(path).expanduser()
-    if not (root / "config.json").is_file() or not any(root.glob("*.safetensors")):
-        raise DistillError(f"{where}: {root} is not a Hugging Face model directory (config.json + *.safetensors)")
-    return init_digest(str(root))
-
-
-def read_chats(cfg, stage: str) -> tuple[list[list[dict]], list[dict]]:
-    """The conversations of cfg.data (system prompt added) and the quarantine of bad records."""
-    from tasks.chat_data import add_system, load_conversations
-    from tasks.sft import data_files
-
-    if not cfg.data:
-        raise DistillError(f"stages.{stage}.data and stages.sft.data are empty: add chat data, e.g. "
-                           "[{path: my_chats.jsonl, format: sharegpt}] (formats: alpaca, sharegpt, openai, chatterbot)")
-    files = [(str(p), e.format) for n, e in enumerate(cfg.data) for p in data_files(e, f"stages.{stage}.data[{n}]")]
-    convs, bad = load_conversations(files)
-    return [add_system(c, cfg.system_prompt) for c in convs], bad
-
-
-def teacher_dir(teacher: str | None, upstream, out, stage: str) -> Path:
-    """`teacher`, or the upstream (dpo) stage's hf/ directory."""
-    if teacher:
-        return Path(teacher).expanduser()
-    try:
-        return model_dir(None, upstream, out, stage)
-    except SftError as e:
-        raise DistillError(f"{e} (as the teacher: or set stages.{stage}.teacher)") from None
 
 
 # --------------------------------------------------------------------------- checks
@@ -185,7 +137,7 @@ def heldout_distance(student, teacher, docs, seq_len: int, pad_id: int, rows: in
     fp32, on the GPU when there is one."""
     import torch
 
-    from tasks.sft import ChatValidation
+    from tasks.train.chats import ChatValidation
     from tasks.train.objectives import distill_terms
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,7 +171,7 @@ def config(profile) -> DistillConfig:
 def run(cfg: DistillConfig, inputs: dict, out) -> StageResult:
     from model import load_hf_dir
     from tasks.chat_data import reason_counts
-    from tasks.sft import engine_spec, prepare_chats
+    from tasks.train.finetune import prepare_chats
 
     teacher = teacher_dir(cfg.teacher, inputs.get("dpo"), out, "distill")
     if cfg.teacher and hf_digest(cfg.teacher, "stages.distill.teacher") != cfg.teacher_digest:
@@ -246,7 +198,7 @@ def run(cfg: DistillConfig, inputs: dict, out) -> StageResult:
     chats = prepare_chats(cfg, convs, bad, tok, out, error=DistillError)
     work, data, train_docs, val_docs, stats, pad = chats.work, chats.data, chats.train, chats.val, chats.stats, chats.pad
     objective = {"name": "distill", "teacher": str(teacher), "temperature": cfg.temperature, "alpha": cfg.alpha}
-    spec = engine_spec(cfg, work, student, data, objective, {"stage": "distill", "key": out.key})
+    spec = engine_spec(cfg, work, model_section(cfg, student), data, objective, {"stage": "distill", "key": out.key})
 
     def measure(student_path: Path) -> dict[str, float]:
         if not val_docs:

@@ -57,13 +57,12 @@ from pydantic import Field, model_validator
 
 from profiles.schema import Strict
 from storage.errors import SlmError
-from tasks.chat_data import write_quarantine
+from tasks.chat_data import END_THINK, THINK, write_quarantine
 from tasks.registry import Stage, StageResult
-from tasks.sft import ChatData
+from tasks.train.settings import ChatData
 
 STAGE_VERSION = 1
 DATASET = "data/train.jsonl"
-THINK, END_THINK = "<think>", "</think>"
 _LEADING_THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.S)
 
 
@@ -291,16 +290,11 @@ def engine_answers(cfg: DistillDataConfig, teacher: Path, prompts: list[list[dic
 
 
 def config(profile) -> DistillDataConfig:
-    from tasks.distill import hf_digest, with_sft_data
-    from tasks.sft import SftError, data_files, file_digest
+    from tasks.train.teacher import hf_digest, with_sft_data
+    from tasks.train.stage import data_digests
 
     settings = with_sft_data(profile.stages.distill_data, profile)
-    digests = []
-    for n, entry in enumerate(settings.data):
-        try:
-            digests += [[str(p), file_digest(p)] for p in data_files(entry, f"stages.distill_data.data[{n}]")]
-        except SftError:
-            pass  # reported when the stage runs
+    digests = data_digests("distill_data", settings.data)
     teacher = hf_digest(settings.teacher, "stages.distill_data.teacher") if settings.teacher else None
     values = {name: getattr(settings, name) for name in DistillDataSettings.model_fields}
     return DistillDataConfig(**values, data_digests=digests, teacher_digest=teacher)
@@ -323,7 +317,7 @@ def run(cfg: DistillDataConfig, inputs: dict, out) -> StageResult:
     from tqdm import tqdm
 
     from tasks.chat_data import reason_counts
-    from tasks.distill import read_chats, teacher_dir
+    from tasks.train.teacher import read_chats, teacher_dir
 
     convs, bad = read_chats(cfg, "distill_data")
     write_quarantine(out.path / "quarantine.jsonl", bad)

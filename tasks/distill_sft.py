@@ -23,7 +23,7 @@ from pydantic import Field
 
 from storage.errors import SlmError
 from tasks.registry import Stage, StageResult
-from tasks.sft import TrainSettings
+from tasks.train.settings import TrainSettings
 
 STAGE_VERSION = 1
 
@@ -42,16 +42,14 @@ class DistillSftConfig(DistillSftSettings):
 
 
 def config(profile) -> DistillSftConfig:
-    from tasks.pretrain import init_digest
+    from tasks.train.stage import keyed_config
 
-    settings = profile.stages.distill_sft
-    values = {name: getattr(settings, name) for name in DistillSftSettings.model_fields}
-    return DistillSftConfig(**values, init_digest=init_digest(settings.init_from) if settings.init_from else None)
+    return keyed_config("distill_sft", profile.stages.distill_sft, DistillSftConfig)
 
 
 def special_weights(tok, weight: float) -> dict[int, float] | None:
     """{id of <think>: weight, id of </think>: weight}, or None when the weight is 1."""
-    from tasks.distill_data import END_THINK, THINK
+    from tasks.chat_data import END_THINK, THINK
 
     if weight == 1.0:
         return None
@@ -66,7 +64,8 @@ def special_weights(tok, weight: float) -> dict[int, float] | None:
 
 def run(cfg: DistillSftConfig, inputs: dict, out) -> StageResult:
     from tasks.chat_data import load_conversations
-    from tasks.sft import fine_tune, load_tokenizer, model_dir, tokenizer_dir
+    from tasks.train.finetune import fine_tune
+    from tasks.train.stage import load_tokenizer, model_dir, tokenizer_dir
 
     made = inputs["distill_data"]
     dataset = out.local_input(made, made.extra.get("dataset", "data/train.jsonl"))

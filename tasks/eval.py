@@ -46,9 +46,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -121,28 +119,6 @@ def folder_digest(path: str) -> str:
 # --------------------------------------------------------------------------- models
 
 
-def model_dir(manifest, out) -> Path:
-    """The local HF directory of a model stage's artifact (files fetched from remote stores)."""
-    rel = (manifest.extra or {}).get("hf_dir")
-    if not rel:
-        raise EvalError(f"{manifest.stage}/{manifest.key[:16]}: the manifest names no HF directory "
-                        f"(extra.hf_dir); a model stage must write one for eval and export")
-    files = manifest.files_under(rel)
-    if not any(f.path == f"{rel}/config.json" for f in files):
-        raise EvalError(f"{manifest.stage}/{manifest.key[:16]}: {rel}/config.json is not in the artifact")
-    for f in files:
-        out.local_input(manifest, f.path)
-    return out.local_input(manifest, f"{rel}/config.json").parent
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_model(path: Path, device):
     """(Transformer in eval mode on device, its ModelConfig): bf16 on CUDA, fp32 on CPU."""
     import torch
@@ -152,52 +128,6 @@ def load_model(path: Path, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, cfg = load_hf_dir(path, dtype=dtype)
     return model.to(device).eval(), cfg
-
-
-# --------------------------------------------------------------------------- held-out loss
-
-
-def heldout_rows(shard_manifest, out, seq_len: int, max_tokens: int, tokenizer_json: Path | None):
-    """The validation split as tasks.train.data.ValidationRows (None when the shards have no val split)."""
-    from tasks.shard_reader import ShardReader
-    from tasks.train.data import ValidationRows
-
-    shards = shard_manifest.extra.get("shards") or []
-    files = [str(out.local_input(shard_manifest, s["path"])) for s in shards if s["split"] == "val"]
-    if not files:
-        return None
-    decode = None
-    if tokenizer_json is not None:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tokenizer_json))
-        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-    reader = ShardReader(files, shuffle=False, loop=False)
-    return ValidationRows(reader, seq_len, int(shard_manifest.extra["eos_id"]), max_tokens, decode)
-
-
-def heldout_loss(model, rows, device, rows_per_batch: int = 8) -> dict:
-    """{"val_loss" (nats per token), "val_bpb", "val_ppl", "val_tokens", "val_seconds"} of a model on ValidationRows."""
-    import torch
-    import torch.nn.functional as F
-
-    nats, count = 0.0, 0
-    clock = time.perf_counter()
-    with torch.no_grad():
-        for batch in rows.batches(rows_per_batch):
-            ids = torch.from_numpy(batch["input_ids"]).long().to(device)
-            targets = torch.from_numpy(batch["targets"]).to(device)
-            docs = torch.from_numpy(batch["document_ids"]).long().to(device)
-            logits = model(ids, document_ids=docs)
-            nats += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                          ignore_index=-100, reduction="sum"))
-            count += int((targets != -100).sum())
-    loss = nats / max(count, 1)
-    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count,
-              "val_seconds": time.perf_counter() - clock}
-    if rows.num_bytes:
-        result["val_bpb"] = nats / math.log(2) / rows.num_bytes
-    return result
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -429,6 +359,8 @@ def evaluate_model(name: str, path: Path, cfg: EvalConfig, benches: list[Benchma
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
+    from tasks.train.heldout import heldout_loss
+
     model, mcfg = load_model(path, device)
     max_len = cfg.seq_len or mcfg.max_seq_len
     result: dict = {"model": name, "params": sum(p.numel() for p in model.parameters()), "max_len": max_len}
@@ -579,6 +511,10 @@ def metrics_of(result: dict) -> dict[str, float]:
 
 
 def run(cfg: EvalConfig, inputs: dict, out) -> StageResult:
+    from model.generate import resolve_device
+    from tasks.train.heldout import heldout_rows
+    from tasks.train.stage import stage_model_dir
+
     device = resolve_device(cfg.device)
     benches = [load_benchmark(name, path, cfg.max_per_subject) for name, path in cfg.benchmarks.items()]
     shard_m, tok_m = inputs["shard"], inputs["tokenizer"]
@@ -594,7 +530,7 @@ def run(cfg: EvalConfig, inputs: dict, out) -> StageResult:
     for stage in MODEL_STAGES:
         manifest = inputs[stage]
         print(f"eval: {stage} ({manifest.key[:16]})", flush=True)
-        results.append(evaluate_model(stage, model_dir(manifest, out), cfg, benches, rows_for, device,
+        results.append(evaluate_model(stage, stage_model_dir(manifest, out), cfg, benches, rows_for, device,
                                       chat=MODEL_STAGES[stage] == "chat"))
     return finish(out.path, cfg, benches, results, out)
 

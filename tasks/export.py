@@ -31,7 +31,6 @@ from pydantic import Field
 
 from profiles.schema import Strict
 from storage.errors import SlmError
-from tasks.eval import heldout_loss, heldout_rows, model_dir
 from tasks.registry import Stage, StageResult
 
 STAGE_VERSION = 1
@@ -64,8 +63,9 @@ def run(cfg: ExportSettings, inputs: dict, out) -> StageResult:
     from model import load_hf_dir, save_hf_dir
     from model.gguf_export import check_gguf, write_gguf
     from model.quantize import save_int8_dir
+    from tasks.train.stage import stage_model_dir
 
-    src = model_dir(inputs[SOURCE], out)
+    src = stage_model_dir(inputs[SOURCE], out)
     model, mcfg = load_hf_dir(src)
 
     hf_out = out.path / "hf"
@@ -133,6 +133,7 @@ def measure(cfg: ExportSettings, model, src: Path, out_dir: Path, gguf_name: str
     from model.quantize import load_int8_dir
     from model.transformer import Transformer
     from tasks.train.data import ValidationRows
+    from tasks.train.heldout import heldout_loss, heldout_rows
 
     device = torch.device("cpu")  # the formats are for CPUs and llama.cpp; so is the measurement
     rows = heldout_rows(shard_m, out, seq_len, cfg.val_tokens, tokenizer_json)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from tasks.grpo import RlSettings, rl_run
 from tasks.registry import Stage, StageResult
 from tasks.rewards import RewardRule
+from tasks.train.rl import RlSettings, rl_run
 
 STAGE_VERSION = 1
 VALUE_HEAD = "value_head.safetensors"
@@ -54,7 +54,7 @@ class PpoConfig(PpoSettings):
 
 
 def config(profile) -> PpoConfig:
-    from tasks.sft import keyed_config
+    from tasks.train.stage import keyed_config
 
     return keyed_config("ppo", profile.stages.ppo, PpoConfig)
 
@@ -82,7 +82,7 @@ def run(cfg: PpoConfig, inputs: dict, out) -> StageResult:
     objective = {"name": "ppo", "clip_eps": cfg.clip_eps, "vf_coef": cfg.vf_coef, "value_clip": cfg.value_clip}
     rollout = {"algo": "ppo", "kl_coef": cfg.kl_coef, "gamma": cfg.gamma, "lam": cfg.lam, "whiten": cfg.whiten}
     result = rl_run(cfg, inputs, out, "ppo", "dpo", objective,
-                    lambda init_dir: {"builder": "model.reward:engine_model", "init_from": str(init_dir)},
+                    lambda init_dir: {"builder": "reward_head", "init_from": str(init_dir)},
                     export_policy, rollout)
     result.extra["value_head"] = VALUE_HEAD
     return result

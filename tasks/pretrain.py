@@ -27,42 +27,17 @@ Fails   when the shards' vocabulary does not fit the model, when an init_from di
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-import sys
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from profiles.schema import Strict
 from storage.errors import SlmError
 from tasks.registry import Stage, StageResult
-from tasks.train.settings import EngineSettings
+from tasks.train.settings import EngineSettings, ModelShape
+from tasks.train.stage import copy_tokenizer, engine_spec, export, init_digest, keyed_config, run_training
 
 STAGE_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-class ModelShape(Strict):
-    """The network for training from scratch (model/config.py ModelConfig; vocab from the tokenizer)."""
-
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    head_dim: int = Field(0, ge=0)  # 0 -> hidden_size // num_heads
-    intermediate_size: int = Field(384, ge=1)
-    rope_theta: float = Field(1_000_000.0, gt=0)
-    tie_embeddings: bool = True
-    qk_norm: bool = True
-    num_experts: int = Field(0, ge=0)  # > 0: MoE feed-forward
-    experts_per_token: int = Field(2, ge=1)
-    moe_intermediate_size: int = Field(0, ge=0)
-    num_shared_experts: int = Field(0, ge=0)
-    router_aux_loss_coef: float = Field(0.01, ge=0)
-    init_std: float = Field(0.02, gt=0)
 
 
 class PretrainSettings(EngineSettings):
@@ -74,16 +49,12 @@ class PretrainSettings(EngineSettings):
     lr: float = Field(2e-3, gt=0)
     schedule: Literal["wsd", "cosine", "constant"] = "wsd"
     warmup_steps: int = Field(20, ge=0)
-    decay_fraction: float = Field(0.2, ge=0, le=1)  # wsd: last share of the steps spent decaying
     decay_shape: Literal["linear", "sqrt"] = "sqrt"
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
     eval_every: int = Field(100, ge=0)  # 0 -> only at the end
     eval_tokens: int = Field(50_000, ge=1)  # validation tokens per evaluation
     # runtime knobs, kept out of the key
     micro_batch: int = Field(16, ge=1, exclude=True)
     nproc: int = Field(0, ge=0, exclude=True)  # processes; 0 -> every visible GPU, or 1 without one
-    parallel: Literal["ddp", "fsdp"] = Field("ddp", exclude=True)
 
 
 class PretrainConfig(PretrainSettings):
@@ -95,24 +66,7 @@ class PretrainError(SlmError):
 
 
 def config(profile) -> PretrainConfig:
-    settings = profile.stages.pretrain
-    values = {name: getattr(settings, name) for name in PretrainSettings.model_fields}
-    return PretrainConfig(**values, init_digest=init_digest(settings.init_from) if settings.init_from else None)
-
-
-def init_digest(path: str) -> str:
-    """sha256 of an HF directory's config.json and its weight files' names and sizes (cheap, no weights read)."""
-    root = Path(path).expanduser()
-    if not (root / "config.json").is_file():
-        raise PretrainError(f"stages.pretrain.init_from: {root} has no config.json; point it at a Hugging Face "
-                            "model directory (Qwen2 / Qwen3)")
-    digest = hashlib.sha256((root / "config.json").read_bytes())
-    weights = sorted(root.glob("*.safetensors"))
-    if not weights:
-        raise PretrainError(f"stages.pretrain.init_from: {root} has no *.safetensors weights")
-    for f in weights:
-        digest.update(f"{f.name}:{f.stat().st_size}".encode())
-    return digest.hexdigest()
+    return keyed_config("pretrain", profile.stages.pretrain, PretrainConfig)
 
 
 # --------------------------------------------------------------------------- the job
@@ -159,52 +113,9 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-class _Watch:
-    """on_poll for launch.run_engine: forward the engine's log, upload finished checkpoints."""
-
-    def __init__(self, out, work: Path, log: Path):
-        self.out, self.work, self.log = out, work, log
-        self.offset = log.stat().st_size if log.exists() else 0
-        self.uploaded: set[str] = set()
-
-    def __call__(self) -> None:
-        from tasks.train.checkpoint import list_checkpoints
-
-        if self.log.exists():
-            with open(self.log, "rb") as fh:
-                fh.seek(self.offset)
-                chunk = fh.read()
-            self.offset += len(chunk)
-            if chunk:
-                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
-                sys.stdout.flush()
-        for ckpt in list_checkpoints(self.work / "checkpoints"):
-            if ckpt.name in self.uploaded:
-                continue
-            for f in sorted(ckpt.iterdir()):
-                self.out.save_progress(f.relative_to(self.out.path).as_posix())
-            for f in ("run.json", "metrics.jsonl"):
-                if (self.work / f).exists():
-                    self.out.save_progress((self.work / f).relative_to(self.out.path).as_posix())
-            self.uploaded.add(ckpt.name)
-
-    def tail(self, lines: int = 25) -> str:
-        if not self.log.exists():
-            return "(no engine log)"
-        return "\n".join(self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-
-
 def run(cfg: PretrainConfig, inputs: dict, out) -> StageResult:
-    from tasks.train.checkpoint import export_hf, latest_checkpoint, checkpoint_step
-    from tasks.train.engine import EXIT_STOPPED, read_metrics
-    from tasks.train.launch import run_engine
-
     tok_m, shard_m = inputs["tokenizer"], inputs["shard"]
-    tok_dir = out.scratch / "tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if any(f.path == name for f in tok_m.files):
-            shutil.copyfile(out.local_input(tok_m, name), tok_dir / name)
+    tok_dir = copy_tokenizer(tok_m, out)
     shards = shard_m.extra.get("shards") or []
     train_files = [str(out.local_input(shard_m, s["path"])) for s in shards if s["split"] == "train"]
     val_files = [str(out.local_input(shard_m, s["path"])) for s in shards if s["split"] == "val"]
@@ -217,58 +128,13 @@ def run(cfg: PretrainConfig, inputs: dict, out) -> StageResult:
     model_section, model_cfg = _model_spec(cfg, vocab, tok_dir, special)
 
     work = out.scratch / "engine"
-    work.mkdir(parents=True, exist_ok=True)
-    train_keys = ("steps", "seq_len", "micro_batch", "global_batch", "lr", "schedule", "warmup_steps",
-                  "decay_fraction", "decay_shape", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
-                  "seed", "precision", "compile", "parallel", "log_every", "eval_every", "ckpt_every", "keep_last",
-                  "threads")
-    spec = {
-        "train": {"out_dir": str(work), **{k: getattr(cfg, k) for k in train_keys}},
-        "model": model_section,
-        "data": {"train": train_files, "validation": val_files, "eos_id": eos, "seed": cfg.seed,
-                 "tokenizer": str(tok_dir / "tokenizer.json"), "eval_tokens": cfg.eval_tokens},
-        "objective": {"name": "causal_lm"},
-        "extra": {"stage": "pretrain", "key": out.key},
-    }
-    (work / "run.json").write_text(json.dumps(spec, indent=2))
+    data = {"train": train_files, "validation": val_files, "eos_id": eos, "seed": cfg.seed,
+            "tokenizer": str(tok_dir / "tokenizer.json"), "eval_tokens": cfg.eval_tokens}
+    spec = engine_spec(cfg, work, model_section, data, {"name": "causal_lm"}, {"stage": "pretrain", "key": out.key})
     nproc = cfg.nproc or max(1, _visible_gpus())
-    resumed = latest_checkpoint(work / "checkpoints")
-    log = work / "engine.log"
-    watch = _Watch(out, work, log)
-    print(f"pretrain: {'resuming from ' + resumed.name if resumed else 'starting'}, {nproc} process(es); "
-          f"log {log}", flush=True)
-    code = run_engine(work / "run.json", work, nproc=nproc, on_poll=watch, poll_seconds=2.0,
-                      grace_seconds=cfg.grace_seconds, log_path=log)
-    history = read_metrics(work / "metrics.jsonl")
-    begun = [i for i, r in enumerate(history) if r.get("kind") in ("start", "resume")]
-    ends = [r for r in history[begun[-1] if begun else len(history):] if r.get("kind") == "end"]  # this attempt's
-    if code != 0 and (code == EXIT_STOPPED or (ends and ends[-1].get("stopped"))):
-        # (torchrun reports its own status, so the engine's "end" record is the one to trust)
-        last = latest_checkpoint(work / "checkpoints")
-        reason = ends[-1].get("stopped") if ends else "a signal"
-        raise PretrainError(f"training was stopped ({reason}) after step {checkpoint_step(last) if last else 0}, "
-                            f"checkpoint saved; run the stage again to resume")
-    if code != 0:
-        raise PretrainError(f"the training process failed (exit status {code}); the end of {log}:\n{watch.tail()}")
+    final, records, resumed = run_training(spec, cfg, work, out, error=PretrainError, nproc=nproc, poll_seconds=2.0)
+    export(final, tok_dir, out)
 
-    final = latest_checkpoint(work / "checkpoints")
-    if final is None or checkpoint_step(final) != cfg.steps:
-        raise PretrainError(f"training ended without its final checkpoint (found {final}); see {log}")
-    dest = out.path / "checkpoint"
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(final, dest)
-    if (out.path / "hf").exists():
-        shutil.rmtree(out.path / "hf")
-    export_hf(final, tok_dir, out.path / "hf")
-
-    records = read_metrics(work / "metrics.jsonl")
-    fields = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "val_loss", "val_bpb")
-    for rec in records:
-        if rec.get("kind") in ("train", "eval"):
-            values = {k: rec[k] for k in fields if k in rec}
-            if values:
-                out.log_metrics(values, step=rec["step"])
     train_recs = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     last_eval = evals[-1] if evals else {}
@@ -283,7 +149,7 @@ def run(cfg: PretrainConfig, inputs: dict, out) -> StageResult:
                  f"{last_eval.get('val_loss', float('nan')):.3f}{bpb}; {speed:,.0f} tokens/s"),
         extra={"model_config": model_cfg, "final_val": {k: v for k, v in last_eval.items() if k.startswith("val_")},
                "hf_dir": "hf", "checkpoint": "checkpoint", "init_from": cfg.init_from,
-               "tokens_per_s": speed, "resumed_from": resumed.name if resumed else None},
+               "tokens_per_s": speed, "resumed_from": resumed},
     )
 
 

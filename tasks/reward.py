@@ -1,8 +1,8 @@
 """reward: a reward model (the SFT model's backbone + a scalar head) trained on preference pairs.
 
 Reads   the sft stage's hf/ model (or any Qwen2/Qwen3 HF directory named by `init_from`) and its
-        tokenizer; preference pairs from `data:` exactly as the dpo stage reads them (tasks/dpo.py
-        read_pairs / encode_pairs: `preference` files, or chatterbot Q/A made into pairs).
+        tokenizer; preference pairs from `data:` exactly as the dpo stage reads them (tasks/train/preference.py
+        read_pairs, tasks/train/pairs.py encode_pairs: `preference` files, or chatterbot Q/A made into pairs).
 Model   RewardModel (model/reward.py) = model.Transformer + `score`, a Linear(hidden -> 1) on the final-norm hidden
         states (Transformer.hidden_states), read at the last reply token of prompt + reply (its
         end-of-turn token: objectives.reply_end). The LM head stays (unused by the reward) so the
@@ -17,8 +17,8 @@ Writes  model/             the backbone as an HF directory (model/hf.py format) 
                            of pairs scored chosen > rejected) and mean margin before (the initial
                            head) and after training; the same in MLflow.
 Load    model.reward.load_reward_model(dir) -> RewardModel (eval mode, fp32) from a directory holding model/ and
-        head.safetensors (this stage's artifact); reward_dir(manifest, out) gives that directory for
-        a downstream stage (fetching the files from a remote store).
+        head.safetensors (this stage's artifact); tasks/train/rl.py reward_dir(manifest, out) gives that
+        directory to a downstream stage (fetching the files from a remote store).
 Resume  engine checkpoints in the stage's working dir; exact continuation, as sft/dpo.
 Fails   when no pair is read or fits seq_len, with LoRA settings (not supported for a reward model),
         or when training fails (the end of its log).
@@ -32,9 +32,8 @@ import numpy as np
 from pydantic import Field
 
 from storage.errors import SlmError
-from tasks.dpo import PreferenceData
 from tasks.registry import Stage, StageResult
-from tasks.sft import TrainSettings
+from tasks.train.settings import PreferenceData, TrainSettings
 
 STAGE_VERSION = 1
 HEAD_FILE, BACKBONE_DIR = "head.safetensors", "model"  # model/reward.py's layout
@@ -42,16 +41,6 @@ HEAD_FILE, BACKBONE_DIR = "head.safetensors", "model"  # model/reward.py's layou
 
 class RewardError(SlmError):
     pass
-
-
-def reward_dir(manifest, out) -> Path:
-    """The local directory of a reward artifact (its model/ and head files fetched through `out`)."""
-    wanted = [f.path for f in manifest.files if f.path == HEAD_FILE or f.path.startswith(BACKBONE_DIR + "/")]
-    if HEAD_FILE not in wanted:
-        raise RewardError(f"reward/{manifest.key[:16]} holds no {HEAD_FILE}; rerun the reward stage")
-    for rel in wanted:
-        out.local_input(manifest, rel)
-    return Path(out.local_input(manifest, HEAD_FILE)).parent
 
 
 def export_checkpoint(checkpoint: Path, tokenizer_dir: Path | None, out_dir: Path) -> Path:
@@ -111,7 +100,7 @@ class RewardConfig(RewardSettings):
 
 
 def config(profile) -> RewardConfig:
-    from tasks.sft import keyed_config
+    from tasks.train.stage import keyed_config
 
     return keyed_config("reward", profile.stages.reward, RewardConfig)
 
@@ -120,8 +109,9 @@ def run(cfg: RewardConfig, inputs: dict, out) -> StageResult:
     import torch
 
     from model.reward import engine_model, load_reward_model
-    from tasks.dpo import encode_pairs, preference_dropped, preference_inputs
-    from tasks.sft import engine_spec, held_out, run_training
+    from tasks.train.pairs import encode_pairs
+    from tasks.train.preference import preference_dropped, preference_inputs
+    from tasks.train.stage import engine_spec, held_out, model_section, run_training
 
     if cfg.lora:
         raise RewardError("stages.reward.lora: LoRA is not supported for the reward model; remove it")
@@ -141,10 +131,10 @@ def run(cfg: RewardConfig, inputs: dict, out) -> StageResult:
         raise RewardError(f"no training pair fits seq_len {cfg.seq_len}")
     has_val = counts["val_pairs"] > 0
 
-    data = {"builder": "tasks.dpo:engine_data", "train": str(work / "train.npz"),
+    data = {"builder": "pairs", "train": str(work / "train.npz"),
             "validation": str(work / "val.npz") if has_val else None, "seed": cfg.seed}
-    spec = engine_spec(cfg, work, init_dir, data, {"name": "reward_bt"}, {"stage": "reward", "key": out.key})
-    spec["model"] = {"builder": "model.reward:engine_model", "init_from": str(init_dir), "head_std": cfg.head_std}
+    spec = engine_spec(cfg, work, model_section(cfg, init_dir), data, {"name": "reward_bt"}, {"stage": "reward", "key": out.key})
+    spec["model"] = {"builder": "reward_head", "init_from": str(init_dir), "head_std": cfg.head_std}
     torch.manual_seed(cfg.seed)  # the engine seeds the same way before building the model
     before = pair_metrics(engine_model(spec["model"]), arrays["val"]) if has_val else {}
     final, records, resumed = run_training(spec, cfg, work, out, error=RewardError, extra_metrics=("accuracy", "margin"))

@@ -82,7 +82,7 @@ class Scorer:
             if reward_model_dir is None:
                 raise ValueError("the reward_model rule needs the reward stage's model (reward_model_dir)")
             from model.reward import BACKBONE_DIR, load_reward_model
-            from tasks.sft import load_tokenizer
+            from tasks.train.stage import load_tokenizer
 
             self.model = load_reward_model(reward_model_dir)
             if device is not None:

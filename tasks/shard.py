@@ -60,7 +60,9 @@ from profiles.schema import Strict
 from storage.errors import SlmError
 from tasks.corpus.documents import iter_batches
 from tasks.registry import Stage, StageResult
-from tasks.tokenizer import EOS, document_files, mix64
+from tasks.chat_data import EOS
+from tasks.corpus.documents import document_files
+from tasks.corpus.positions import mix64
 
 STAGE_VERSION = 1
 UINT16_LIMIT = 1 << 16

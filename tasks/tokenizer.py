@@ -41,17 +41,12 @@ from pydantic import Field
 
 from profiles.schema import Strict
 from storage.errors import SlmError
-from tasks.corpus.documents import iter_batches
+from tasks.chat_data import EOS, IM_END, IM_START, NAMED_SPECIAL, PAD
+from tasks.corpus.documents import document_files, iter_batches
+from tasks.corpus.positions import uniform
 from tasks.registry import Stage, StageResult
 
 STAGE_VERSION = 1
-
-EOS = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-PAD = "<|pad|>"
-THINK, END_THINK = "<think>", "</think>"
-NAMED_SPECIAL = (EOS, IM_START, IM_END, PAD, THINK, END_THINK)  # ids 0..5, in this order
 
 # ChatML. The assistant's reply and its <|im_end|> sit inside {% generation %}, so the
 # assistant mask covers exactly what the model must learn to say (not the "\n" after it,
@@ -146,34 +141,6 @@ def hf_config(specials: list[str]) -> dict:
 
 
 # --- the corpus: positions, shares, streams ------------------------------------------------
-def document_files(manifest) -> list[str]:
-    """The documents files of an upstream corpus artifact (`docs/*.parquet`, as every corpus
-    stage writes them; other files such as dedup's duplicates.parquet are not documents)."""
-    files = sorted(f.path for f in manifest.files_under("docs") if f.path.endswith(".parquet"))
-    if not files:
-        raise TokenizerError(
-            f"{manifest.stage}/{manifest.key[:16]} lists no documents file (docs/*.parquet): "
-            f"rerun `slm run --until {manifest.stage}` and check its report"
-        )
-    return files
-
-
-def mix64(values: np.ndarray, seed: int) -> np.ndarray:
-    """A fixed pseudo-random uint64 per (seed, value): splitmix64 of value + seed-derived offset.
-
-    Counter-based, so a document's number depends only on its position, never on batching
-    or on the order the work was done in."""
-    with np.errstate(over="ignore"):
-        z = values.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def uniform(positions: np.ndarray, seed: int) -> np.ndarray:
-    return (mix64(positions, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
 @dataclass
 class Batch:
     position: int  # corpus position of the first row

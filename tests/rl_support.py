@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from model import load_hf_dir
-from tasks.sft import PackedChats, load_tokenizer, prepare
+from tasks.train.chats import PackedChats
+from tasks.train.finetune import prepare
+from tasks.train.stage import load_tokenizer
 from tasks.train import checkpoint as ckpt
 from tasks.train.engine import TrainConfig, train
 from tasks.train.objectives import SFT

@@ -29,7 +29,9 @@ from tasks.distill import DistillError
 from tasks.distill_data import END_THINK, THINK, render, split_reasoning
 from tasks.registry import all_stages
 from tasks.runner import open_tracker, run_stage
-from tasks.sft import PackedChats, heldout_loss, load_tokenizer, prepare
+from tasks.train.chats import PackedChats, heldout_loss
+from tasks.train.finetune import prepare
+from tasks.train.stage import load_tokenizer
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import IGNORE
 from tasks.train.engine import TrainConfig, train

@@ -16,8 +16,11 @@ import pytest
 import torch
 
 from model import load_hf_dir
-from tasks.dpo import encode_pairs, mismatched_pairs, preference_metrics, sequence_logps_np, PairBatches, PairValidation
-from tasks.sft import PackedChats, held_out, load_tokenizer, prepare
+from tasks.train.chats import PackedChats
+from tasks.train.finetune import prepare
+from tasks.train.pairs import PairBatches, PairValidation, encode_pairs, preference_metrics, sequence_logps_np
+from tasks.train.preference import mismatched_pairs
+from tasks.train.stage import held_out, load_tokenizer
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import IGNORE
 from tasks.train.engine import TrainConfig, train
@@ -122,7 +125,7 @@ def test_kill_9_then_resume_reproduces_dpo_exactly(setup, tmp_path):
         spec = {"train": dict(out_dir=str(out), steps=16, seq_len=SEQ, micro_batch=4, global_batch=8, lr=1e-3,
                               log_every=1, ckpt_every=4, keep_last=3, deterministic=True, threads=1),
                 "model": {"init_from": str(setup["sft"])},
-                "data": {"builder": "tasks.dpo:engine_data", "train": str(tmp_path / "train.npz"), "seed": 1},
+                "data": {"builder": "pairs", "train": str(tmp_path / "train.npz"), "seed": 1},
                 "objective": {"name": "dpo", "beta": BETA}}
         (out / "run.json").write_text(json.dumps(spec))
         return out

@@ -109,8 +109,8 @@ def test_grpo_raises_the_reward_of_a_learnable_rule(policy, tmp_path):
 
 
 def test_kill_9_then_resume_continues_grpo_from_its_checkpoint(policy, tmp_path):
-    from tasks.grpo import read_prompts, tokenize_prompts
-    from tasks.sft import load_tokenizer
+    from tasks.train.rl import read_prompts, tokenize_prompts
+    from tasks.train.stage import load_tokenizer
 
     cfg = _config(policy, epochs=2, global_batch=8, micro_batch=8, steps=12)
     prompts, _ = read_prompts(cfg, "grpo")
@@ -123,7 +123,7 @@ def test_kill_9_then_resume_continues_grpo_from_its_checkpoint(policy, tmp_path)
         spec = {"train": dict(out_dir=str(out), steps=12, seq_len=SEQ, micro_batch=8, global_batch=8, lr=2e-3,
                               schedule="constant", log_every=1, ckpt_every=3, keep_last=3, deterministic=True, threads=1),
                 "model": {"init_from": str(policy)},
-                "data": {"builder": "tasks.train.rollout:engine_data", "algo": "grpo",
+                "data": {"builder": "rollouts", "algo": "grpo",
                          "prompts": str(tmp_path / "prompts.json"), "tokenizer": str(policy), "reference": str(policy),
                          "rewards": SHORT, "prompts_per_rollout": 4, "group_size": 4, "epochs": 2,
                          "max_new_tokens": 20, "seed": 3, "pad_id": 0},

@@ -58,8 +58,8 @@ def test_clipped_value_loss_by_hand():
 
 
 def test_ppo_rollout_puts_the_score_on_the_last_token_and_the_kl_on_every_token(policy, tmp_path):
-    from tasks.grpo import read_prompts, tokenize_prompts
-    from tasks.sft import load_tokenizer
+    from tasks.train.rl import read_prompts, tokenize_prompts
+    from tasks.train.stage import load_tokenizer
 
     cfg = PpoConfig(data=[CHATTERBOT], seq_len=SEQ, max_new_tokens=16)
     prompts, _ = read_prompts(cfg, "ppo")

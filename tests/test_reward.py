@@ -17,9 +17,9 @@ import torch
 from model import load_hf_dir
 from model.reward import RewardModel, load_reward_model
 from storage.artifacts import ArtifactStore
-from tasks.dpo import encode_pairs
+from tasks.train.pairs import encode_pairs
 from tasks.reward import RewardConfig, pair_metrics, run
-from tasks.sft import load_tokenizer
+from tasks.train.stage import load_tokenizer
 from tasks.train.engine import read_metrics
 from tasks.train.objectives import RewardBT, reply_end
 from tests.chat_support import chatterbot_conversations, make_model_dir, make_tokenizer_dir

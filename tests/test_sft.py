@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from tasks.chat_data import FitStats, encode_conversation, fit_length
-from tasks.sft import ChatValidation, PackedChats, heldout_loss, load_tokenizer, prepare, save_conversations
+from tasks.train.chats import ChatValidation, PackedChats, heldout_loss, save_conversations
+from tasks.train.finetune import prepare
+from tasks.train.stage import load_tokenizer
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import IGNORE
 from tasks.train.engine import TrainConfig, train
@@ -97,7 +99,7 @@ def test_kill_9_then_resume_reproduces_sft_exactly(setup, tmp_path):
         spec = {"train": dict(out_dir=str(out), steps=16, seq_len=SEQ, micro_batch=4, global_batch=8, lr=3e-3,
                               log_every=1, ckpt_every=4, keep_last=3, deterministic=True, threads=1),
                 "model": {"init_from": str(setup["model"])},
-                "data": {"builder": "tasks.sft:engine_data", "train": str(tmp_path / "train.npz"), "pad_id": pad, "seed": 1},
+                "data": {"builder": "chats", "train": str(tmp_path / "train.npz"), "pad_id": pad, "seed": 1},
                 "objective": {"name": "sft"}}
         (out / "run.json").write_text(json.dumps(spec))
         return out
@@ -122,7 +124,7 @@ def test_lora_trains_adapters_only_and_merges_to_the_same_hf_format(setup, tmp_p
     spec = {"train": dict(out_dir=str(tmp_path / "run"), steps=100, seq_len=SEQ, micro_batch=8, lr=1e-2,
                           warmup_steps=5, schedule="cosine", log_every=20, threads=1, weight_decay=0.0),
             "model": {"init_from": str(base_dir), "lora": lora},
-            "data": {"builder": "tasks.sft:engine_data", "train": str(tmp_path / "train.npz"), "pad_id": pad},
+            "data": {"builder": "chats", "train": str(tmp_path / "train.npz"), "pad_id": pad},
             "objective": {"name": "sft"}}
     run_from_config(spec)
     final = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")

@@ -24,6 +24,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.errors import SlmError
+
 ROW_GROUP_BYTES = 64 << 20
 SAMPLE_CHARS = 300
 COMPRESSION = "zstd"
@@ -168,3 +170,15 @@ def iter_chunks(path: Path, chars: int = 1 << 18, columns: list[str] | None = No
             chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+def document_files(manifest) -> list[str]:
+    """The documents files of an upstream corpus artifact (`docs/*.parquet`, as every corpus
+    stage writes them; other files such as dedup's duplicates.parquet are not documents)."""
+    files = sorted(f.path for f in manifest.files_under("docs") if f.path.endswith(".parquet"))
+    if not files:
+        raise SlmError(
+            f"{manifest.stage}/{manifest.key[:16]} lists no documents file (docs/*.parquet): "
+            f"rerun `slm run --until {manifest.stage}` and check its report"
+        )
+    return files

@@ -243,3 +243,12 @@ class ValidationRows:
             targets[~real] = IGNORE
             yield {"input_ids": self.input_ids[sel], "targets": targets, "document_ids": self.document_ids[sel]}
 
+
+
+def strided_batches(arrays: dict[str, np.ndarray], rows: int, world: int, rank: int) -> Iterator[dict[str, np.ndarray]]:
+    """This rank's batches of a fixed validation set (arrays of equal length): rows
+    [rank*rows, (rank+1)*rows), then every rows*world further. The last batch may be short;
+    unlike ValidationRows.batches, ranks may get different numbers of batches (DDP only)."""
+    n = len(next(iter(arrays.values())))
+    for start in range(rank * rows, n, rows * world):
+        yield {k: v[start:start + rows] for k, v in arrays.items()}

@@ -682,10 +682,10 @@ def run_from_config(spec: dict) -> dict:
       "train": {TrainConfig fields},
       "model": {"config": {ModelConfig fields}}          # from scratch
              | {"init_from": "/path/to/hf_dir"}          # continued pretraining (Qwen2/Qwen3 HF dir)
-             | {"builder": "module:function", ...}       # function(model spec) -> model (e.g. a
-                                                         # backbone with a scalar head, model/reward.py)
+             | {"builder": NAME, ...}                    # a model builder of tasks/train/builders.py
+                                                         # (e.g. a backbone with a scalar head)
                (either may add "lora": {rank, alpha, dropout, target_modules}: train LoRA adapters only)
-      "data": {"builder": "module:function"}  (other data: function(data_spec, TrainConfig) -> (data, val))
+      "data": {"builder": NAME, ...}  (a data builder of tasks/train/builders.py: chats, pairs, rollouts)
             | {"train": [shard paths], "validation": [shard paths] (optional),
                "eos_id": int, "seed": int (reading order, default 0),
                "tokenizer": "/path/tokenizer.json" (optional: bits per byte),
@@ -699,15 +699,14 @@ def run_from_config(spec: dict) -> dict:
     """
     from model import ModelConfig, Transformer, load_hf_dir
     from tasks.shard_reader import ShardReader
+    from tasks.train.builders import data_builder, model_builder
     from tasks.train.data import PackedBatches, ValidationRows
     from tasks.train.objectives import OBJECTIVES
 
     cfg = TrainConfig.from_dict(spec["train"])
     m = spec["model"]
-    if m.get("builder"):  # "module:function" (model spec) -> model: e.g. a backbone with a scalar head
-        from importlib import import_module
-
-        build = getattr(import_module(m["builder"].split(":")[0]), m["builder"].split(":")[1])
+    if m.get("builder"):  # a model builder by name: e.g. a backbone with a scalar head
+        build = model_builder(m["builder"])
         model_fn = lambda: build(m)  # noqa: E731
     elif "init_from" in m:
         model_fn = lambda: load_hf_dir(m["init_from"])[0]  # noqa: E731
@@ -725,11 +724,8 @@ def run_from_config(spec: dict) -> dict:
         raise ValueError(f"objective {name!r}: known objectives are {sorted(OBJECTIVES)}")
     objective = OBJECTIVES[name](**obj_spec)
     dspec = spec["data"]
-    if dspec.get("builder"):  # "module:function" (dspec, cfg) -> (data, val): chat data, preference pairs
-        from importlib import import_module
-
-        module, func = dspec["builder"].split(":")
-        data, val = getattr(import_module(module), func)(dspec, cfg)
+    if dspec.get("builder"):  # a data builder by name: (dspec, cfg) -> (data, val): chats, pairs, rollouts
+        data, val = data_builder(dspec["builder"])(dspec, cfg)
         return train(cfg, model_fn, objective, data, val, extra_state=spec.get("extra"))
     source = ShardReader(dspec["train"], seed=int(dspec.get("seed", 0)), shuffle=True, loop=True)
     data = PackedBatches(source, cfg.seq_len)

@@ -176,7 +176,7 @@ def load_prompts(path: str | Path) -> list[dict]:
 class RolloutBatches:
     """On-policy batches for the engine (see the module docstring). spec: the run.json data section:
 
-    {"builder": "tasks.train.rollout:engine_data", "algo": "grpo" | "ppo", "prompts": prompt file,
+    {"builder": "rollouts", "algo": "grpo" | "ppo", "prompts": prompt file,
      "tokenizer": dir, "reference": HF dir, "rewards": [RewardRule dicts], "reward_model": dir | None,
      "prompts_per_rollout", "group_size", "epochs", "max_new_tokens", "temperature", "seed", "pad_id",
      ppo: "kl_coef", "gamma", "lam", "whiten"}
@@ -184,7 +184,7 @@ class RolloutBatches:
 
     def __init__(self, spec: dict, cfg):
         from model import load_hf_dir
-        from tasks.sft import load_tokenizer
+        from tasks.train.stage import load_tokenizer
         from tasks.train.data import ArrayDocuments
         from tasks.train.engine import autocast_context
 
@@ -293,7 +293,7 @@ class RolloutBatches:
 
 
 def engine_data(dspec: dict, cfg):
-    """The engine's data builder (run.json "data": {"builder": "tasks.train.rollout:engine_data", ...})."""
+    """The engine's data builder "rollouts" (tasks/train/builders.py)."""
     return RolloutBatches(dspec, cfg), None
 
 

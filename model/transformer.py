@@ -188,16 +188,8 @@ FLEX_KERNEL_OPTIONS = {
 # The timing report of those identical candidates (dozens of lines on stderr per compile) is turned
 # off where this torch has the switches.
 _QUIET = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-# No prologue fusion (torch 2.11 + triton 3.6 on an H200, seen 2026-12): in a no-grad graph (evaluation)
-# nothing is saved for backward, so inductor fuses everything that feeds q and k (the block mask's
-# construction, QK-RMSNorm, RoPE) into the flex attention kernel as a prologue, and that fused kernel
-# fails at launch with "operation not supported on global/shared address space", a fault that leaves
-# the CUDA context unusable. Training graphs never take that path (those inputs are saved for
-# backward) and GEMMs stay on cuBLAS, so turning it off costs training nothing; evaluation then runs
-# the same attention kernel as training. tests/test_train_cuda.py compiles such a graph.
-_NO_PROLOGUE = {"prologue_fusion": False}
 COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN",
-                   **{k: v for k, v in {**_QUIET, **_NO_PROLOGUE}.items() if hasattr(inductor_config, k)}}
+                   **{k: v for k, v in _QUIET.items() if hasattr(inductor_config, k)}}
 _compiled_flex = None
 
 

@@ -121,8 +121,8 @@ def dpo_run(setup, tmp_path, name: str, **train):
             np.savez(tmp_path / f"{split}.npz", **setup[split])
     out = tmp_path / name
     out.mkdir()
-    spec = {"train": dict(out_dir=str(out), steps=16, seq_len=SEQ, micro_batch=4, global_batch=8, lr=1e-3,
-                          log_every=1, ckpt_every=4, keep_last=3, **train),
+    spec = {"train": {**dict(out_dir=str(out), steps=16, seq_len=SEQ, micro_batch=4, global_batch=8, lr=1e-3,
+                            log_every=1, ckpt_every=4, keep_last=3), **train},
             "model": {"init_from": str(setup["sft"])},
             "data": {"builder": "tasks.dpo:engine_data", "train": str(tmp_path / "train.npz"),
                      "validation": str(tmp_path / "val.npz"), "seed": 1},

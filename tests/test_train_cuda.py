@@ -3,7 +3,7 @@ flex attention, validation files, periodic and final evaluation, resume after ki
 
 The CPU suite cannot see what broke here before: evaluation compiles a no-grad graph of its own next to
 the training graph, and on an H200 (torch 2.11) that graph's fused attention kernel crashed the process
-at the end of every run with validation files (model/transformer.py, COMPILE_OPTIONS). SFT and DPO run
+at the end of every run with validation files (tasks/train/engine.py, `eval_grad_mode`). SFT and DPO run
 the same way in tests/test_sft.py and tests/test_dpo.py. On the GPU box:
 
     python -m pytest -q tests/test_train_cuda.py tests/test_sft.py tests/test_dpo.py -k cuda
@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from model.transformer import COMPILE_OPTIONS
 from tasks.shard_reader import ShardReader
 from tasks.train.data import PackedBatches, ValidationRows
-from tasks.train.engine import autocast_context, read_metrics, to_device, TrainConfig
+from tasks.train import checkpoint as ckpt
+from tasks.train.engine import autocast_context, read_metrics, to_device, train, TrainConfig
 from tasks.train.objectives import CausalLM
 from tests.test_train_resume import assert_kill_9_then_resume_is_identical, shards  # noqa: F401 (a fixture)
 
@@ -34,29 +34,25 @@ SHAPE = dict(vocab_size=320, hidden_size=384, num_layers=2, num_heads=4, num_kv_
              intermediate_size=1024, max_seq_len=SEQ)
 
 
-def test_compiled_evaluation_matches_eager(shards):  # noqa: F811
-    """The no-grad graph evaluation compiles runs, after a compiled training step, and scores the
-    validation rows as eager evaluation does (within bf16 noise)."""
-    torch.manual_seed(0)
+def test_compiled_evaluation_matches_eager(tmp_path, shards):  # noqa: F811
+    """The engine's compiled evaluation after compiled training steps (the step that crashed) scores
+    the validation rows as eager evaluation of the saved weights does, within bf16 noise."""
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=3, seq_len=SEQ, micro_batch=8, lr=1e-3, compile=True)
+    val = lambda: ValidationRows(ShardReader(shards["validation"], shuffle=False, loop=False), SEQ, 1, 100_000)  # noqa: E731
+    train_rows = PackedBatches(ShardReader(shards["train"], seed=0, shuffle=True, loop=True), SEQ)
+    result = train(cfg, lambda: Transformer(ModelConfig(**SHAPE)), CausalLM(), train_rows, val())
+
     device = torch.device("cuda")
-    model = Transformer(ModelConfig(**SHAPE)).to(device)
-    objective = CausalLM()
-    loss_fn = torch.compile(objective.loss, options=COMPILE_OPTIONS)
-    autocast = lambda: autocast_context(TrainConfig(out_dir="unused", steps=1), device)  # noqa: E731
-    batch = PackedBatches(ShardReader(shards["train"], seed=0, shuffle=True, loop=True), SEQ).next_batch(8)
-    with autocast():
-        loss_fn(model, to_device(batch, device))["sum"].backward()  # the training graph first, as the engine
-    model.zero_grad(set_to_none=True)
-    val = ValidationRows(ShardReader(shards["validation"], shuffle=False, loop=False), SEQ, 1, 100_000)
-    compiled, eager = 0.0, 0.0
-    model.eval()
-    with torch.no_grad():
-        for rows in val.batches(8):
-            tensors = to_device(rows, device)
-            with autocast():
-                compiled += loss_fn(model, tensors)["sum"].double().item()
-                eager += objective.loss(model, tensors)["sum"].double().item()
-    assert compiled > 0 and abs(compiled - eager) / eager < 1e-2
+    model = Transformer(ModelConfig(**SHAPE))
+    model.load_state_dict(ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")))
+    model.to(device).eval()
+    nats, count, rows = 0.0, 0, val()
+    with torch.no_grad(), autocast_context(cfg, device):
+        for batch in rows.batches(8):
+            count += CausalLM().count(batch)
+            nats += CausalLM().loss(model, to_device(batch, device))["sum"].double().item()
+    eager = nats / count
+    assert 0 < eager < 10 and abs(result["val"]["val_loss"] - eager) / eager < 1e-2
 
 
 def write_run(out: Path, shards, **train) -> Path:  # noqa: F811

@@ -367,6 +367,12 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def inference_autocast(device: torch.device):
+    """What a stage process's own scoring (held-out losses, reference log-probs) runs under: bf16 autocast
+    on CUDA, as the engine trains there (precision auto), fp32 on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -461,7 +467,17 @@ def train(
         data.attach_model(base)
     compile = cfg.compile if cfg.compile is not None else cuda
     # COMPILE_OPTIONS: what the model's document-masked flex attention needs (see model/transformer.py)
-    loss_fn = torch.compile(objective.loss, options=COMPILE_OPTIONS) if compile else objective.loss
+    # dynamic=False: a run's shapes are fixed (rows of seq_len, micro_batch rows, the last evaluation batch
+    # padded), and flex attention's pinned kernels need a static sequence length; a shape this process saw
+    # in an earlier train() call compiles anew instead of turning the length symbolic.
+    loss_fn = torch.compile(objective.loss, dynamic=False, options=COMPILE_OPTIONS) if compile else objective.loss
+    # Compiled, evaluation runs the loss with autograd on; nothing calls backward, and what the forward keeps
+    # for it is freed with each output, so memory stays one training forward's. Not no_grad: with torch 2.11
+    # and triton 3.6 (H200, 2026-12) inductor's no-grad graph of this model faults in the flex attention
+    # kernel it builds for that graph ("operation not supported on global/shared address space", or an
+    # illegal address; the CUDA context is lost), with prologue fusion on or off, while the graph with
+    # autograd, the one training runs, scores the same rows within 2e-5 of eager. tests/test_train_cuda.py.
+    eval_grad_mode = torch.enable_grad if compile else torch.no_grad
     flops_per_token = base.config.flops_per_token(cfg.seq_len) if hasattr(getattr(base, "config", None), "flops_per_token") else 0
     peak = peak_flops_per_device(cfg, d.device)
     params = [p for p in base.parameters() if p.requires_grad]
@@ -508,11 +524,11 @@ def train(
         model.eval()
         nats = torch.zeros((), dtype=torch.float64, device=d.device)
         count = 0
-        with torch.no_grad():
+        with eval_grad_mode():
             for batch in val.batches(cfg.micro_batch, d.world, d.rank):
                 count += objective.count(batch)
                 with autocast():
-                    nats += loss_fn(model, to_device(batch, d.device))["sum"].double()
+                    nats += loss_fn(model, to_device(batch, d.device))["sum"].detach().double()
         model.train()
         total = torch.stack([nats, torch.tensor(float(count), dtype=torch.float64, device=d.device)])
         if d.world > 1:

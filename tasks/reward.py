@@ -58,19 +58,23 @@ def export_checkpoint(checkpoint: Path, tokenizer_dir: Path | None, out_dir: Pat
 
 
 def pair_scores(model, arrays: dict[str, np.ndarray], batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Rewards (chosen, rejected), float32 (n,), of encode_pairs rows, by a model.reward.RewardModel."""
+    """Rewards (chosen, rejected), float32 (n,), of encode_pairs rows, by a model.reward.RewardModel (moved
+    to the GPU when there is one, scored under bf16 autocast there as in training)."""
     import torch
 
+    from model.generate import resolve_device
+    from tasks.train.engine import inference_autocast
     from tasks.train.objectives import RewardBT
 
-    model.eval()
+    device = resolve_device(None)
+    model.to(device).eval()
     obj, out = RewardBT(), {"chosen": [], "rejected": []}
     for side in out:
         ids, tgt = arrays[f"{side}_ids"], arrays[f"{side}_targets"]
         for s in range(0, len(ids), batch):
-            with torch.no_grad():
-                out[side].append(obj.rewards(model, torch.from_numpy(ids[s:s + batch]).long(),
-                                             torch.from_numpy(tgt[s:s + batch])).numpy())
+            with torch.no_grad(), inference_autocast(device):
+                out[side].append(obj.rewards(model, torch.from_numpy(ids[s:s + batch]).long().to(device),
+                                             torch.from_numpy(tgt[s:s + batch]).to(device)).float().cpu().numpy())
     cat = lambda xs: np.concatenate(xs).astype(np.float32) if xs else np.zeros(0, np.float32)  # noqa: E731
     return cat(out["chosen"]), cat(out["rejected"])
 

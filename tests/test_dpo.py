@@ -23,9 +23,10 @@ from tasks.train.preference import mismatched_pairs
 from tasks.train.stage import held_out, load_tokenizer
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import IGNORE
-from tasks.train.engine import TrainConfig, train
+from tasks.train.engine import TrainConfig, read_metrics, train
 from tasks.train.objectives import DPO, SFT, dpo_losses
 from tests.chat_support import chatterbot_conversations, make_model_dir, make_tokenizer_dir
+from tests.test_train_cuda import needs_cuda
 from tests.test_train_resume import assert_kill_9_then_resume_is_identical
 
 SEQ = 64
@@ -116,18 +117,34 @@ def test_dpo_raises_heldout_accuracy_and_margin_above_sft(setup, tmp_path):
     assert result["val"]["val_loss"] < math.log(2)  # below the reference's loss, log 2
 
 
+def dpo_run(setup, tmp_path, name: str, **train):
+    """A run dir with the engine job of a DPO run (run.json) on the setup's pairs."""
+    for split in ("train", "val"):
+        if not (tmp_path / f"{split}.npz").exists():
+            np.savez(tmp_path / f"{split}.npz", **setup[split])
+    out = tmp_path / name
+    out.mkdir()
+    spec = {"train": {**dict(out_dir=str(out), steps=16, seq_len=SEQ, micro_batch=4, global_batch=8, lr=1e-3,
+                            log_every=1, ckpt_every=4, keep_last=3), **train},
+            "model": {"init_from": str(setup["sft"])},
+            "data": {"builder": "pairs", "train": str(tmp_path / "train.npz"),
+                     "validation": str(tmp_path / "val.npz"), "seed": 1},
+            "objective": {"name": "dpo", "beta": BETA}}
+    (out / "run.json").write_text(json.dumps(spec))
+    return out
+
+
 def test_kill_9_then_resume_reproduces_dpo_exactly(setup, tmp_path):
-    np.savez(tmp_path / "train.npz", **setup["train"])
+    runs = [dpo_run(setup, tmp_path, name, deterministic=True, threads=1) for name in ("straight", "killed")]
+    assert_kill_9_then_resume_is_identical(*runs)
 
-    def config(name):
-        out = tmp_path / name
-        out.mkdir()
-        spec = {"train": dict(out_dir=str(out), steps=16, seq_len=SEQ, micro_batch=4, global_batch=8, lr=1e-3,
-                              log_every=1, ckpt_every=4, keep_last=3, deterministic=True, threads=1),
-                "model": {"init_from": str(setup["sft"])},
-                "data": {"builder": "pairs", "train": str(tmp_path / "train.npz"), "seed": 1},
-                "objective": {"name": "dpo", "beta": BETA}}
-        (out / "run.json").write_text(json.dumps(spec))
-        return out
 
-    assert_kill_9_then_resume_is_identical(config("straight"), config("killed"))
+@needs_cuda
+def test_dpo_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup, tmp_path):
+    """Compiled on the GPU, with held-out pairs evaluated every 4 steps and at the end (ckpt_every 0:
+    the evaluation steps are the checkpoints)."""
+    runs = [dpo_run(setup, tmp_path, name, eval_every=4, ckpt_every=0) for name in ("straight", "killed")]
+    assert_kill_9_then_resume_is_identical(*runs, exact=False, timeout=300)
+    for out in runs:
+        evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+        assert {4, 16} <= {r["step"] for r in evals} and all(0 < r["val_loss"] < 5 for r in evals)

@@ -14,9 +14,10 @@ from tasks.train.finetune import prepare
 from tasks.train.stage import load_tokenizer
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import IGNORE
-from tasks.train.engine import TrainConfig, train
+from tasks.train.engine import TrainConfig, read_metrics, train
 from tasks.train.objectives import SFT
 from tests.chat_support import chatterbot_conversations, make_model_dir, make_tokenizer_dir
+from tests.test_train_cuda import needs_cuda
 from tests.test_train_resume import assert_kill_9_then_resume_is_identical
 
 SEQ = 64
@@ -89,22 +90,37 @@ def test_sft_raises_heldout_likelihood(setup, tmp_path):
     assert abs(result["val"]["val_loss"] - after) < 1e-3  # the engine's eval is the same measure
 
 
+def sft_run(setup, tmp_path, name: str, **train):
+    """A run dir with the engine job of an SFT run (run.json) on the setup's conversations."""
+    for split in ("train", "val"):
+        if not (tmp_path / f"{split}.npz").exists():
+            save_conversations(tmp_path / f"{split}.npz", setup[split])
+    out = tmp_path / name
+    out.mkdir()
+    spec = {"train": {**dict(out_dir=str(out), steps=16, seq_len=SEQ, micro_batch=4, global_batch=8, lr=3e-3,
+                            log_every=1, ckpt_every=4, keep_last=3), **train},
+            "model": {"init_from": str(setup["model"])},
+            "data": {"builder": "chats", "train": str(tmp_path / "train.npz"),
+                     "validation": str(tmp_path / "val.npz"), "pad_id": setup["tok"].pad_token_id, "seed": 1},
+            "objective": {"name": "sft"}}
+    (out / "run.json").write_text(json.dumps(spec))
+    return out
+
+
 def test_kill_9_then_resume_reproduces_sft_exactly(setup, tmp_path):
-    pad = setup["tok"].pad_token_id
-    save_conversations(tmp_path / "train.npz", setup["train"])
+    runs = [sft_run(setup, tmp_path, name, deterministic=True, threads=1) for name in ("straight", "killed")]
+    assert_kill_9_then_resume_is_identical(*runs)
 
-    def config(name):
-        out = tmp_path / name
-        out.mkdir()
-        spec = {"train": dict(out_dir=str(out), steps=16, seq_len=SEQ, micro_batch=4, global_batch=8, lr=3e-3,
-                              log_every=1, ckpt_every=4, keep_last=3, deterministic=True, threads=1),
-                "model": {"init_from": str(setup["model"])},
-                "data": {"builder": "chats", "train": str(tmp_path / "train.npz"), "pad_id": pad, "seed": 1},
-                "objective": {"name": "sft"}}
-        (out / "run.json").write_text(json.dumps(spec))
-        return out
 
-    assert_kill_9_then_resume_is_identical(config("straight"), config("killed"))
+@needs_cuda
+def test_sft_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup, tmp_path):
+    """Compiled on the GPU, with held-out chats evaluated every 4 steps and at the end (ckpt_every 0:
+    the evaluation steps are the checkpoints)."""
+    runs = [sft_run(setup, tmp_path, name, eval_every=4, ckpt_every=0) for name in ("straight", "killed")]
+    assert_kill_9_then_resume_is_identical(*runs, exact=False, timeout=300)
+    for out in runs:
+        evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+        assert {4, 16} <= {r["step"] for r in evals} and all(0 < r["val_loss"] < 20 for r in evals)
 
 
 def test_lora_trains_adapters_only_and_merges_to_the_same_hf_format(setup, tmp_path):

@@ -74,24 +74,35 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if r["kind"] == "train"}
 
 
-def assert_kill_9_then_resume_is_identical(straight: Path, killed: Path) -> int:
+def assert_kill_9_then_resume_is_identical(straight: Path, killed: Path, exact: bool = True, timeout: float = 50) -> int:
     """Run the engine on two identical run dirs (run.json in each): one straight through, the other
     SIGKILLed once it holds two checkpoints, then started again. Asserts equal per-step losses and
-    bitwise-equal final weights; returns the step the killed run resumed from."""
+    final weights: bit for bit when `exact` (CPU, deterministic), else within bf16 noise (CUDA:
+    compiled kernels may sum in another order). Returns the step the killed run resumed from."""
     p_straight = engine(straight / "run.json")
     p = engine(killed / "run.json")
-    wait_for(lambda: len(ckpt.list_checkpoints(killed / "checkpoints")) >= 2, timeout=50)
+    wait_for(lambda: len(ckpt.list_checkpoints(killed / "checkpoints")) >= 2 or p.poll() is not None, timeout=timeout)
     p.send_signal(signal.SIGKILL)
-    p.wait(timeout=10)
+    _, err = p.communicate(timeout=10)
+    assert p.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err}"
     latest = ckpt.latest_checkpoint(killed / "checkpoints")
     assert latest is not None
     resumed = engine(killed / "run.json")
-    assert resumed.wait(timeout=50) == 0, resumed.stderr.read()
-    assert p_straight.wait(timeout=50) == 0, p_straight.stderr.read()
-    assert losses(killed) == losses(straight)
+    _, err = resumed.communicate(timeout=timeout)
+    assert resumed.returncode == 0, err
+    _, err = p_straight.communicate(timeout=timeout)
+    assert p_straight.returncode == 0, err
     a = load_file(ckpt.latest_checkpoint(straight / "checkpoints") / "model.safetensors")
     b = load_file(ckpt.latest_checkpoint(killed / "checkpoints") / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    if exact:
+        assert losses(killed) == losses(straight)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        want, got = losses(straight), losses(killed)
+        assert sorted(got) == sorted(want)
+        np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=2e-2)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=5e-2, atol=5e-3)
     return ckpt.checkpoint_step(latest)
 
 
@@ -181,3 +192,31 @@ def test_engine_stops_when_the_stage_process_dies(tmp_path, shards):
     end = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "end"][-1]
     assert end["stopped"] == "parent exited" and end["step"] < 5000
     assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out / "checkpoints")) == end["step"]
+
+
+@pytest.mark.parametrize("eval_every", [5, 0], ids=["periodic-eval", "final-eval"])
+def test_a_failed_evaluation_costs_no_training(tmp_path, shards, eval_every):
+    """A validation file the model cannot read (token ids beyond its vocabulary) fails the evaluation
+    only. The checkpoint of that step is already written, the error names both, and once the file is
+    fixed a new run resumes there: the final evaluation alone is not retrained for."""
+    val = tmp_path / "val.parquet"
+    bad = [[400, 401, 402, 1]] * 20  # the tiny model's vocabulary is 320
+    pq.write_table(pa.table({"input_ids": pa.array(bad, type=pa.list_(pa.uint16()))}), val)
+    cfg = write_config(tmp_path, {**shards, "validation": [str(val)]}, "run", steps=10, eval_every=eval_every,
+                       ckpt_every=0, log_every=1)
+    out = cfg.parent
+    failed = engine(cfg)
+    _, err = failed.communicate(timeout=120)
+    at = eval_every or 10
+    assert failed.returncode != 0
+    assert f"evaluation at step {at} failed" in err and f"checkpointed at step {at}" in err
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out / "checkpoints")) == at
+
+    val.write_bytes(Path(shards["validation"][0]).read_bytes())  # the user fixes the validation file
+    again = engine(cfg)
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [at]
+    assert sorted(losses(out)) == list(range(1, 11))  # every step trained once: none lost, none repeated
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [10]

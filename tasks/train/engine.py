@@ -33,8 +33,11 @@ Outputs in `out_dir`:
                        {"kind": "eval", "step", "val_loss", "val_bpb"}
                        {"kind": "checkpoint", "step", "path"}, {"kind": "resume", "step"},
                        {"kind": "start" | "end", ...}
-  checkpoints/step_N/  see checkpoint.py; every `ckpt_every` steps, at the end, and
-                       on SIGTERM / SIGINT / parent death (then exit status 143).
+  checkpoints/step_N/  see checkpoint.py; every `ckpt_every` steps, before every evaluation, at the
+                       end (before the final evaluation), and on SIGTERM / SIGINT / parent death
+                       (then exit status 143). So an evaluation that fails never costs training:
+                       the error names the step, and a run started again resumes from that
+                       checkpoint and only evaluates (the final evaluation, if its record is missing).
 
 Resume: if `out_dir/checkpoints` holds a checkpoint, `train` continues from the
 newest one: weights, optimizer, schedule step, data cursor, RNG states.
@@ -95,7 +98,7 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile the objective's loss (model + loss in one graph); None -> on CUDA only
     parallel: str = "ddp"  # with several processes: ddp | fsdp (FSDP2, one unit per layer)
     log_every: int = 10
-    eval_every: int = 0  # 0 -> only at the end
+    eval_every: int = 0  # 0 -> only at the end; every evaluation step is also a checkpoint step
     ckpt_every: int = 0  # 0 -> only at the end (and on a stop signal)
     keep_last: int = 2
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU)
@@ -364,6 +367,12 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def inference_autocast(device: torch.device):
+    """What a stage process's own scoring (held-out losses, reference log-probs) runs under: bf16 autocast
+    on CUDA, as the engine trains there (precision auto), fp32 on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -458,7 +467,17 @@ def train(
         data.attach_model(base)
     compile = cfg.compile if cfg.compile is not None else cuda
     # COMPILE_OPTIONS: what the model's document-masked flex attention needs (see model/transformer.py)
-    loss_fn = torch.compile(objective.loss, options=COMPILE_OPTIONS) if compile else objective.loss
+    # dynamic=False: a run's shapes are fixed (rows of seq_len, micro_batch rows, the last evaluation batch
+    # padded), and flex attention's pinned kernels need a static sequence length; a shape this process saw
+    # in an earlier train() call compiles anew instead of turning the length symbolic.
+    loss_fn = torch.compile(objective.loss, dynamic=False, options=COMPILE_OPTIONS) if compile else objective.loss
+    # Compiled, evaluation runs the loss with autograd on; nothing calls backward, and what the forward keeps
+    # for it is freed with each output, so memory stays one training forward's. Not no_grad: with torch 2.11
+    # and triton 3.6 (H200, 2026-12) inductor's no-grad graph of this model faults in the flex attention
+    # kernel it builds for that graph ("operation not supported on global/shared address space", or an
+    # illegal address; the CUDA context is lost), with prologue fusion on or off, while the graph with
+    # autograd, the one training runs, scores the same rows within 2e-5 of eager. tests/test_train_cuda.py.
+    eval_grad_mode = torch.enable_grad if compile else torch.no_grad
     flops_per_token = base.config.flops_per_token(cfg.seq_len) if hasattr(getattr(base, "config", None), "flops_per_token") else 0
     peak = peak_flops_per_device(cfg, d.device)
     params = [p for p in base.parameters() if p.requires_grad]
@@ -505,11 +524,11 @@ def train(
         model.eval()
         nats = torch.zeros((), dtype=torch.float64, device=d.device)
         count = 0
-        with torch.no_grad():
+        with eval_grad_mode():
             for batch in val.batches(cfg.micro_batch, d.world, d.rank):
                 count += objective.count(batch)
                 with autocast():
-                    nats += loss_fn(model, to_device(batch, d.device))["sum"].double()
+                    nats += loss_fn(model, to_device(batch, d.device))["sum"].detach().double()
         model.train()
         total = torch.stack([nats, torch.tensor(float(count), dtype=torch.float64, device=d.device)])
         if d.world > 1:
@@ -518,6 +537,21 @@ def train(
         result = {"val_loss": nats_v / max(count_v, 1.0)}
         if getattr(val, "num_bytes", 0):
             result["val_bpb"] = nats_v / math.log(2) / val.num_bytes
+        return result
+
+    def evaluate_at(at_step: int) -> dict:
+        """Evaluate, write the eval record; a failure names the step and the checkpoint a retry resumes from."""
+        try:
+            with paused():
+                result = evaluate()
+        except Exception as e:
+            raise RuntimeError(
+                f"evaluation at step {at_step} failed ({type(e).__name__}: {e}); training is checkpointed at step "
+                f"{ckpt.checkpoint_step(last_ckpt) if last_ckpt else 0}: run the stage again to retry the evaluation "
+                "without retraining") from e
+        log.write({"kind": "eval", "step": at_step, **result})
+        if d.main:
+            print(f"step {at_step} eval " + " ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
         return result
 
     def start_record(lr: float) -> None:
@@ -633,19 +667,23 @@ def train(
             last = step == cfg.steps
             if step % cfg.log_every == 0 or last:
                 start_record(lr)
-            if val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-                with paused():
-                    val_result = evaluate()
-                log.write({"kind": "eval", "step": step, **val_result})
-                if d.main:
-                    print(f"step {step} eval " + " ".join(f"{k} {v:.4f}" for k, v in val_result.items()), flush=True)
+            eval_due = val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
             stopping = stop.should_stop()
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or stopping:
+            # An evaluation step is a checkpoint step: the checkpoint is durable before the evaluation runs, so an
+            # evaluation that fails (its no-grad graph is compiled anew; it can run out of memory or hit a CUDA
+            # fault that leaves the process unusable) never costs a training step. A retry resumes from it.
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or stopping or eval_due:
                 with paused():
                     last_ckpt = save("stop: " + stop.reason if stopping else ("final" if last else "periodic"))
+            if eval_due:
+                val_result = evaluate_at(step)
             if stopping and not last:
                 stopped = stop.reason
                 break
+        if val is not None and step == cfg.steps and not val_result:
+            # resumed from the final checkpoint: its evaluation ran before (the record is kept) or failed
+            done = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "eval" and r.get("step") == step]
+            val_result = {k: v for k, v in done[-1].items() if k.startswith("val_")} if done else evaluate_at(step)
         finish_record()
         log.write({"kind": "end", "step": step, "tokens": tokens, "stopped": stopped})
     except BaseException:

@@ -45,17 +45,21 @@ def encode_pairs(pairs, tok, seq_len: int) -> tuple[dict[str, np.ndarray], dict[
 
 
 def sequence_logps_np(model, arrays: dict[str, np.ndarray], batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """The model's summed reply log-probs (chosen, rejected), float32 (n,), in eval mode, no grad."""
+    """The model's summed reply log-probs (chosen, rejected), float32 (n,), in eval mode, no grad; the model
+    is moved to the GPU when there is one (with bf16 autocast, as the engine computes the policy's)."""
+    from model.generate import resolve_device
+    from tasks.train.engine import inference_autocast
     from tasks.train.objectives import sequence_logps
 
-    model.eval()
+    device = resolve_device(None)
+    model.to(device).eval()
     out = {"chosen": [], "rejected": []}
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(device):
         for side in out:
             ids, tgt = arrays[f"{side}_ids"], arrays[f"{side}_targets"]
             for s in range(0, len(ids), batch):
-                out[side].append(sequence_logps(model, torch.from_numpy(ids[s:s + batch]),
-                                                torch.from_numpy(tgt[s:s + batch])).numpy())
+                out[side].append(sequence_logps(model, torch.from_numpy(ids[s:s + batch]).to(device),
+                                                torch.from_numpy(tgt[s:s + batch]).to(device)).float().cpu().numpy())
     cat = lambda xs: np.concatenate(xs).astype(np.float32) if xs else np.zeros(0, np.float32)  # noqa: E731
     return cat(out["chosen"]), cat(out["rejected"])
 

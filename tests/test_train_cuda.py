@@ -1,0 +1,79 @@
+"""The engine on a CUDA GPU, as a GPU run uses it: torch.compile on (the default there), document-masked
+flex attention, validation files, periodic and final evaluation, resume after kill -9.
+
+The CPU suite cannot see what broke here before: evaluation compiles a no-grad graph of its own next to
+the training graph, and on an H200 (torch 2.11) that graph's fused attention kernel crashed the process
+at the end of every run with validation files (tasks/train/engine.py, `eval_grad_mode`). SFT and DPO run
+the same way in tests/test_sft.py and tests/test_dpo.py. On the GPU box:
+
+    python -m pytest -q tests/test_train_cuda.py tests/test_sft.py tests/test_dpo.py -k cuda
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ModelConfig, Transformer
+from tasks.shard_reader import ShardReader
+from tasks.train.data import PackedBatches, ValidationRows
+from tasks.train import checkpoint as ckpt
+from tasks.train.engine import autocast_context, read_metrics, to_device, train, TrainConfig
+from tasks.train.objectives import CausalLM
+from tests.test_train_resume import assert_kill_9_then_resume_is_identical, shards  # noqa: F401 (a fixture)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compile, flex attention); "
+                                "run on a GPU box: python -m pytest -q tests/test_train_cuda.py")
+pytestmark = needs_cuda
+
+SEQ = 256
+# head_dim 96 and QK-norm as zh-64m (the shape that crashed), small enough to compile in seconds
+SHAPE = dict(vocab_size=320, hidden_size=384, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=96,
+             intermediate_size=1024, max_seq_len=SEQ)
+
+
+def test_compiled_evaluation_matches_eager(tmp_path, shards):  # noqa: F811
+    """The engine's compiled evaluation after compiled training steps (the step that crashed) scores
+    the validation rows as eager evaluation of the saved weights does, within bf16 noise."""
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=3, seq_len=SEQ, micro_batch=8, lr=1e-3, compile=True)
+    val = lambda: ValidationRows(ShardReader(shards["validation"], shuffle=False, loop=False), SEQ, 1, 100_000)  # noqa: E731
+    train_rows = PackedBatches(ShardReader(shards["train"], seed=0, shuffle=True, loop=True), SEQ)
+    result = train(cfg, lambda: Transformer(ModelConfig(**SHAPE)), CausalLM(), train_rows, val())
+
+    device = torch.device("cuda")
+    model = Transformer(ModelConfig(**SHAPE))
+    model.load_state_dict(ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")))
+    model.to(device).eval()
+    nats, count, rows = 0.0, 0, val()
+    with torch.no_grad(), autocast_context(cfg, device):
+        for batch in rows.batches(8):
+            count += CausalLM().count(batch)
+            nats += CausalLM().loss(model, to_device(batch, device))["sum"].double().item()
+    eager = nats / count
+    assert 0 < eager < 10 and abs(result["val"]["val_loss"] - eager) / eager < 1e-2
+
+
+def write_run(out: Path, shards, **train) -> Path:  # noqa: F811
+    out.mkdir()
+    spec = {"train": dict(out_dir=str(out), steps=12, seq_len=SEQ, micro_batch=8, global_batch=16, lr=1e-3,
+                          warmup_steps=2, log_every=1, eval_every=4, ckpt_every=0, keep_last=3, **train),
+            "model": {"config": SHAPE},
+            "data": {"train": shards["train"], "validation": shards["validation"], "eos_id": 1, "eval_tokens": 20_000}}
+    (out / "run.json").write_text(json.dumps(spec))
+    return out
+
+
+def test_pretraining_with_validation_evaluates_and_resumes_after_kill_9(tmp_path, shards):  # noqa: F811
+    """Compiled training with eval_every and a final evaluation: every evaluation step is a checkpoint
+    step, the run ends with rc 0 and an eval record per evaluation; killed with SIGKILL after two
+    checkpoints and started again, it ends where an uninterrupted run ends."""
+    straight, killed = write_run(tmp_path / "straight", shards), write_run(tmp_path / "killed", shards)
+    assert assert_kill_9_then_resume_is_identical(straight, killed, exact=False, timeout=300) == 8
+    for out in (straight, killed):
+        records = read_metrics(out / "metrics.jsonl")
+        evals = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
+        assert {4, 12} <= set(evals) and all(0 < v < 10 for v in evals.values())
+        saved = {r["step"] for r in records if r["kind"] == "checkpoint"}
+        assert set(evals) <= saved  # the checkpoint came first

@@ -268,17 +268,6 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, tuple[tuple[int, ...], 
     return meta, tensors
 
 
-def read_gguf_tensor(path: str | Path, name: str) -> np.ndarray:
-    """One tensor dequantized to float32, in PyTorch order ((out, in) for a weight)."""
-    gguf = _gguf()
-    reader = gguf.GGUFReader(str(path))
-    for t in reader.tensors:
-        if t.name == name:
-            data = gguf.quants.dequantize(t.data, t.tensor_type)
-            return np.asarray(data, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
-    raise KeyError(f"{path} has no tensor {name!r}")
-
-
 # --------------------------------------------------------------------------- checking against llama.cpp
 
 

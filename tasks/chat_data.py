@@ -287,14 +287,6 @@ def encode_prompt(tokenizer, prompt: list[dict]) -> np.ndarray:
                       dtype=np.int32)
 
 
-def encode_reply(tokenizer, prompt_ids: np.ndarray, prompt: list[dict], reply: str) -> tuple[np.ndarray, np.ndarray]:
-    """Full ids of prompt + reply, and the mask of the reply's tokens (the template's assistant mask)."""
-    ids, mask = encode_conversation(tokenizer, prompt + [{"role": "assistant", "content": reply}])
-    if not np.array_equal(ids[: len(prompt_ids)], prompt_ids):
-        raise ValueError("the chat template renders the prompt differently with and without the reply")
-    return ids, mask
-
-
 @dataclass
 class FitStats:
     truncated: int = 0  # conversations cut to max_len

@@ -31,13 +31,13 @@ Fails   on a tokenizer mismatch, a student that is not smaller, no conversation,
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from pydantic import Field
 
+from storage.manifest import sha256_of
 from tasks.registry import Stage, StageResult
 from tasks.train.settings import ChatSettings, ModelShape
 from tasks.train.stage import engine_spec, export, keyed_config, load_tokenizer, model_section, run_training
@@ -66,10 +66,6 @@ class DistillConfig(DistillSettings):
 # --------------------------------------------------------------------------- checks
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def model_config(path: Path):
     """The ModelConfig of an HF directory (config.json only, no weights read)."""
     from transformers import AutoConfig
@@ -93,7 +89,7 @@ def check_same_tokenizer(teacher: Path, student: Path) -> None:
         if not (d / "tokenizer.json").is_file():
             raise DistillError(f"{d} has no tokenizer.json, so its tokenizer cannot be checked against the "
                                f"{'student' if d == teacher else 'teacher'}'s; add the model's tokenizer files")
-    td, sd = file_sha256(teacher / "tokenizer.json"), file_sha256(student / "tokenizer.json")
+    td, sd = sha256_of(teacher / "tokenizer.json"), sha256_of(student / "tokenizer.json")
     if td != sd:
         raise DistillError(f"tokenizer mismatch: the teacher {teacher} and the student {student} both have {tv} "
                            f"tokens but different tokenizer.json files (sha256 {td[:12]} vs {sd[:12]}). {fix}")

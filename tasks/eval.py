@@ -1,7 +1,7 @@
 """eval: measure every model the pipeline made, side by side, on the same data.
 
-Reads   the HF directory of each model stage (MODEL_STAGES below: pretrain, sft, dpo; a new stage
-        that makes a model joins that table, records `extra.hf_dir` in its manifest, and the
+Reads   the HF directory of each model stage (MODEL_STAGES below: pretrain, sft, dpo, ppo, grpo,
+        distill, distill_sft; a new stage that makes a model joins that table, records `extra.hf_dir` in its manifest, and the
         comparison grows a row), the shard stage's validation split, the
         tokenizer stage's tokenizer.json (to count the validation text's UTF-8 bytes), and the
         benchmark folders named in `stages.eval.benchmarks` (none by default).
@@ -19,7 +19,7 @@ Writes  report.md               one table comparing the models (validation loss,
                                 report.md, the plots, results.json and generations.jsonl as artifacts
 Held-out  the first `val_tokens` tokens of the validation split (whole documents, file order), packed
         into rows of `seq_len` tokens exactly as the training engine's validation does
-        (tasks.train.data.ValidationRows), so the loss equals pretrain's reported val_loss for the
+        (tasks/train/heldout.py, tasks.train.data.ValidationRows), so the loss equals pretrain's reported val_loss for the
         same settings. Bits per byte = total nats / ln 2 / UTF-8 bytes of the decoded documents.
 Benchmarks  C-Eval / CMMLU CSV files, one per subject; a header naming question, A, B, C, D and
         answer (any case; an unnamed index column, id and explanation are ignored). Layouts:

@@ -35,9 +35,6 @@ from storage.errors import SlmError
 from storage.manifest import sha256_of
 from tasks.corpus.positions import uniform
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
 class TrainStageError(SlmError):
     pass
 
@@ -135,6 +132,8 @@ def stage_model_dir(manifest, out) -> Path:
 
 def copy_tokenizer(tok_manifest, out) -> Path:
     """The tokenizer stage's files -> out.scratch/tokenizer."""
+    from model.hf import TOKENIZER_FILES
+
     dest = out.scratch / "tokenizer"
     dest.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:

@@ -163,7 +163,7 @@ def cmd_gc(args) -> int:
             if key in referenced.get(stage, set()):
                 continue
             size = store.size_of(stage, name)
-            what = "artifact" if committed else "unfinished"
+            what = "artifact" if committed else "moved aside as broken" if ".broken-" in name else "unfinished"
             print(f"{'remove' if args.yes else 'would remove'} {store.root}/{stage}/{name} ({what}, {_human(size)})")
             if args.yes:
                 store.remove(stage, name)

@@ -3,13 +3,18 @@
 run_stage(stage, profile, inputs, store, tracker, parent_run_id) -> Manifest
   1. cut the stage's config slice from the profile and compute its key;
   2. if `<root>/<stage>/<key>/` is committed and verifies, return its manifest (no work);
-  3. otherwise open the working dir (with any partial work from an earlier, killed run),
+     a committed artifact that does not verify (a file missing, truncated or rewritten, a
+     corrupt manifest) is reported, moved aside to `<key>.broken-<time>` and recomputed;
+  3. check the inputs (the upstream artifacts) the same way: a broken input fails the stage
+     before it reads anything, naming the artifact, the file and the command that repairs it;
+  4. otherwise open the working dir (with any partial work from an earlier, killed run),
      call `stage.run(config, inputs, out)`, hash the files, commit with the manifest last.
 The MLflow nested run, timing, library versions and counts are added here, so a stage
 module holds only what is its own.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
@@ -18,7 +23,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 from profiles.schema import ProfileBase
-from storage.artifacts import SCRATCH, ArtifactStore
+from storage.artifacts import SCRATCH, ArtifactError, ArtifactStore, BrokenArtifact
 from storage.errors import SlmError
 from storage.home import project_home
 from storage.keys import short, stage_key
@@ -72,6 +77,49 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def report(message: str) -> None:
+    """A warning in the run's log: Prefect's run logger (terminal and UI) inside a flow or task,
+    the `slm` logger outside one."""
+    try:
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning(message)
+    except Exception:  # noqa: BLE001 - no Prefect run context (a plain call, a test)
+        logging.getLogger("slm").warning(message)
+
+
+def reusable(store: ArtifactStore, stage: str, key: str, profile: ProfileBase) -> tuple[Manifest | None, str | None]:
+    """(manifest, None) when `<stage>/<key>` is committed and verifies; (None, None) when there is
+    none; (None, what happened) when it was broken: then it has been reported and moved aside,
+    so the stage is recomputed under the same key."""
+    try:
+        manifest = store.load_manifest(stage, key)
+        if manifest is not None:
+            store.verify(manifest, full=profile.store.verify == "full")
+        return manifest, None
+    except BrokenArtifact as err:
+        moved = store.move_aside(stage, key, str(err))
+        note = f"{stage}/{short(key)} is broken and will be recomputed: {err} Moved aside to {moved}."
+        report(note)
+        return None, note
+
+
+def check_inputs(stage: Stage, inputs: dict[str, Manifest], store: ArtifactStore, profile: ProfileBase) -> None:
+    """Every upstream artifact still verifies before the stage reads it; otherwise fail naming the
+    artifact, the file and the command that repairs it."""
+    for name in stage.upstream:
+        manifest = inputs[name]
+        try:
+            store.verify(manifest, full=profile.store.verify == "full")
+        except BrokenArtifact as err:
+            raise ArtifactError(
+                f"stage {stage.name} cannot read its input {name}/{short(manifest.key)} "
+                f"({store.uri(name, manifest.key)}): file {err.path} is broken ({err}). Repair it with "
+                f"`slm run --profile {profile.name} --until {name}` (with this run's overrides), which moves "
+                f"the broken artifact aside and recomputes it, then run {stage.name} again."
+            ) from None
+
+
 def run_stage(
     stage: Stage,
     profile: ProfileBase,
@@ -79,19 +127,25 @@ def run_stage(
     store: ArtifactStore,
     tracker: Tracker | None = None,
     parent_run_id: str | None = None,
+    repaired: str | None = None,
 ) -> Manifest:
+    """`repaired`: why an earlier check moved this stage's artifact aside (flows/pipeline.py checks
+    before Prefect's cache may answer); recorded on the stage's MLflow run."""
     config = stage.config(profile)
     sliced = config.model_dump(mode="json")
     upstream = {name: inputs[name].key for name in stage.upstream}
     key = stage_key(stage.name, stage.version, sliced, upstream)
 
-    existing = store.load_manifest(stage.name, key)
+    existing, broken = reusable(store, stage.name, key, profile)
     if existing is not None:
-        store.verify(existing, full=profile.store.verify == "full")
         return existing
+    repaired = broken or repaired
+    check_inputs(stage, inputs, store, profile)
 
     out = store.begin(stage.name, key, workers=profile.runtime.workers)
     run_id = tracker.stage_run(parent_run_id, stage.name, key, sliced) if tracker else None
+    if tracker and run_id and repaired:
+        tracker.set_tag(run_id, "slm.repaired", repaired[:5000])
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     try:
         result = stage.run(config, inputs, out)
@@ -148,7 +202,14 @@ def upstream_manifests(stage: Stage, store: ArtifactStore, keys: dict[str, str],
         if name in have:
             inputs[name] = have[name]
             continue
-        manifest = store.load_manifest(name, keys[name])
+        try:
+            manifest = store.load_manifest(name, keys[name])
+        except BrokenArtifact as err:
+            raise ArtifactError(
+                f"stage {stage.name} cannot read its input {name}/{short(keys[name])}: {err.path} is broken "
+                f"({err}). Repair it with `slm run --until {name}` (same profile and overrides), which moves "
+                f"the broken artifact aside and recomputes it."
+            ) from None
         if manifest is None:
             raise SlmError(
                 f"stage {stage.name} needs {name}/{short(keys[name])}, which is not in the store "

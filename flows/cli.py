@@ -81,8 +81,9 @@ def cmd_run(args) -> int:
     profile = load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
     select(until=args.until, only=args.only)
     from flows.full_pipeline import slm
+    from flows.pipeline import hide_secret_overrides
 
-    made = slm(profile=args.profile, overrides=args.overrides, until=args.until, only=args.only)
+    made = slm(profile=args.profile, overrides=hide_secret_overrides(args.overrides), until=args.until, only=args.only)
     print()
     print_table(stage_table(profile))
     from storage.home import project_home

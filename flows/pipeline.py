@@ -8,19 +8,28 @@ cache never answers for an artifact that does not verify: before each stage the 
 the committed artifact (tasks/runner.reusable: files, sizes, sha256); a missing one refreshes
 the cache entry, a broken one is reported in the flow's log, moved aside and recomputed (its
 MLflow run tagged `slm.repaired`).
+
+Secrets: log lines pass through storage/redact.py's filter (terminal and Prefect UI alike); an
+override that holds a secret reaches the flow run as its redacted text (that is what Prefect stores
+and shows) and is restored from SLM_SECRET_OVERRIDES, which `slm run` fills in its own process;
+errors leave the flow with their secrets masked.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 
 from prefect import task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
 from profiles.loader import load_profile
 from profiles.schema import ProfileBase
+from storage.errors import SlmError
 from storage.home import project_home
 from storage.keys import short
 from storage.manifest import Manifest
+from storage.redact import install_log_redaction, redact_text, scrubbed
 from tasks.registry import all_stages, select
 from tasks.runner import compute_keys, open_store, open_tracker, reusable, run_stage, upstream_manifests
 
@@ -34,9 +43,33 @@ def stage_task(stage_name: str, profile: ProfileBase, inputs: dict[str, Manifest
     return run_stage(stage, profile, inputs, open_store(profile), open_tracker(profile), parent_run_id, repaired)
 
 
+SECRET_OVERRIDES = "SLM_SECRET_OVERRIDES"  # JSON list of overrides that hold secrets (set by `slm run`)
+
+
+def hide_secret_overrides(overrides: list[str]) -> list[str]:
+    """The overrides as a flow run may record them: each one holding a secret is replaced by its
+    redacted text and kept, whole, in this process's environment (restored by run_pipeline)."""
+    secret = [o for o in overrides if redact_text(o) != o]
+    if secret:
+        os.environ[SECRET_OVERRIDES] = json.dumps(secret)
+    return [redact_text(o) for o in overrides]
+
+
+def restore_secret_overrides(overrides: list[str] | None) -> list[str] | None:
+    if not overrides:
+        return overrides
+    known = {redact_text(o): o for o in json.loads(os.environ.get(SECRET_OVERRIDES) or "[]")}
+    return [known.get(o, o) for o in overrides]
+
+
 def result_storage(profile: ProfileBase):
-    """A saved Prefect filesystem block for the profile's result storage (path or fsspec URL)."""
+    """A saved Prefect filesystem block for the profile's result storage (path or fsspec URL).
+
+    The block is stored in Prefect's database, so its location must not hold a credential."""
     location = profile.store.results or str(project_home() / "prefect-results")
+    if redact_text(location) != location:
+        raise SlmError(f"store.results {redact_text(location)} holds a credential, which Prefect would store "
+                       f"with its result block: give credentials through the environment (AWS_*, ...) instead.")
     name = "slm-results-" + hashlib.sha256(location.encode()).hexdigest()[:10]
     if "://" in location and not location.startswith("file://"):
         block = RemoteFileSystem(basepath=location)
@@ -55,6 +88,17 @@ def run_pipeline(
     group: str | None = None,
 ) -> dict[str, str]:
     """Run the selected stages; returns {stage: artifact URI}."""
+    install_log_redaction()
+    try:
+        return _run_pipeline(flow_name, profile_ref, restore_secret_overrides(overrides), until, only, group)
+    except Exception as err:
+        clean = scrubbed(err)
+        if clean is not None:
+            raise clean from None
+        raise
+
+
+def _run_pipeline(flow_name, profile_ref, overrides, until, only, group) -> dict[str, str]:
     from prefect.runtime import flow_run
 
     profile = load_profile(profile_ref, overrides)
@@ -86,4 +130,4 @@ def run_pipeline(
     finally:
         if tracker and parent:
             tracker.finish(parent, ok)
-    return {name: store.uri(name, m.key) for name, m in manifests.items()}
+    return {name: redact_text(store.uri(name, m.key)) for name, m in manifests.items()}

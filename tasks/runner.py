@@ -10,7 +10,9 @@ run_stage(stage, profile, inputs, store, tracker, parent_run_id) -> Manifest
   4. otherwise open the working dir (with any partial work from an earlier, killed run),
      call `stage.run(config, inputs, out)`, hash the files, commit with the manifest last.
 The MLflow nested run, timing, library versions and counts are added here, so a stage
-module holds only what is its own.
+module holds only what is its own. Secrets never pass this point: the key, the manifest and MLflow
+see the config slice, facts and summary through storage/redact.py, and an error whose message
+holds a secret is raised again with the secret masked.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from storage.errors import SlmError
 from storage.home import project_home
 from storage.keys import short, stage_key
 from storage.manifest import Manifest, list_files
+from storage.redact import redact, redact_text, scrubbed
 from storage.tracking import Tracker
 from tasks.registry import Stage, all_stages
 
@@ -54,8 +57,9 @@ def open_tracker(profile: ProfileBase) -> Tracker | None:
 
 
 def config_slice(stage: Stage, profile: ProfileBase) -> dict:
-    """What goes into the key: the stage config minus fields marked exclude=True (runtime knobs)."""
-    return stage.config(profile).model_dump(mode="json")
+    """What goes into the key: the stage config minus fields marked exclude=True (runtime knobs),
+    with credentials in URLs masked (a rotated token is the same data, so the same key)."""
+    return redact(stage.config(profile).model_dump(mode="json"), env=False)
 
 
 def compute_keys(profile: ProfileBase) -> dict[str, str]:
@@ -83,9 +87,9 @@ def report(message: str) -> None:
     try:
         from prefect.logging import get_run_logger
 
-        get_run_logger().warning(message)
+        get_run_logger().warning(redact_text(message))
     except Exception:  # noqa: BLE001 - no Prefect run context (a plain call, a test)
-        logging.getLogger("slm").warning(message)
+        logging.getLogger("slm").warning(redact_text(message))
 
 
 def reusable(store: ArtifactStore, stage: str, key: str, profile: ProfileBase) -> tuple[Manifest | None, str | None]:
@@ -132,7 +136,8 @@ def run_stage(
     """`repaired`: why an earlier check moved this stage's artifact aside (flows/pipeline.py checks
     before Prefect's cache may answer); recorded on the stage's MLflow run."""
     config = stage.config(profile)
-    sliced = config.model_dump(mode="json")
+    sliced = config_slice(stage, profile)
+    shown = redact(sliced)  # also without the environment's secret values: what MLflow and the manifest get
     upstream = {name: inputs[name].key for name in stage.upstream}
     key = stage_key(stage.name, stage.version, sliced, upstream)
 
@@ -143,9 +148,9 @@ def run_stage(
     check_inputs(stage, inputs, store, profile)
 
     out = store.begin(stage.name, key, workers=profile.runtime.workers)
-    run_id = tracker.stage_run(parent_run_id, stage.name, key, sliced) if tracker else None
+    run_id = tracker.stage_run(parent_run_id, stage.name, key, shown) if tracker else None
     if tracker and run_id and repaired:
-        tracker.set_tag(run_id, "slm.repaired", repaired[:5000])
+        tracker.set_tag(run_id, "slm.repaired", redact_text(repaired)[:5000])
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     try:
         result = stage.run(config, inputs, out)
@@ -154,16 +159,19 @@ def run_stage(
         seconds = time.perf_counter() - clock
         manifest = Manifest(
             stage=stage.name, key=key, stage_version=stage.version, files=files,
-            counts=result.counts, dropped=result.dropped, summary=result.summary, extra=result.extra,
-            config=sliced, upstream=upstream, versions=library_versions(),
+            counts=result.counts, dropped=result.dropped, summary=redact_text(result.summary),
+            extra=redact(result.extra), config=shown, upstream=upstream, versions=library_versions(),
             started_at=started.isoformat(timespec="seconds"),
             finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             seconds=round(seconds, 3), mlflow_run_id=run_id,
         )
         store.commit(out, manifest)
-    except BaseException:
+    except BaseException as err:
         if tracker and run_id:
             tracker.finish(run_id, ok=False)
+        clean = scrubbed(err) if isinstance(err, Exception) else None
+        if clean is not None:
+            raise clean from None
         raise
     if tracker and run_id:
         numbers = {f"count.{k}": v for k, v in result.counts.items()}
@@ -180,9 +188,9 @@ def run_stage(
             model_id = tracker.log_model(run_id, stage.name, str(local_dir(store, manifest, hf_dir)),
                                          {"slm.key": key, "slm.profile": profile.name})
             tracker.set_tag(run_id, "slm.model_id", model_id)
-        if result.summary:
-            tracker.set_tag(run_id, "mlflow.note.content", result.summary)
-        tracker.set_tag(run_id, "slm.artifact", store.uri(stage.name, key))
+        if manifest.summary:
+            tracker.set_tag(run_id, "mlflow.note.content", manifest.summary)
+        tracker.set_tag(run_id, "slm.artifact", redact_text(store.uri(stage.name, key)))
         tracker.finish(run_id, ok=True)
     return manifest
 

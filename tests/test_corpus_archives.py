@@ -146,3 +146,14 @@ def test_extract_completes_over_damaged_archives_and_counts_them(tmp_path):
                    for line in store.local_path(manifest, entry.path).read_text("utf-8").splitlines()]
     assert sorted(q["file"] for q in quarantined if q["reason"] == "truncated-archive") == \
         sorted(f"cut.jsonl.{ext}" for ext in COMPRESS)
+
+
+def test_a_cut_parquet_source_is_quarantined_not_a_crash(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": [f"第{i}篇" for i in range(100)]}), path)
+    path.write_bytes(path.read_bytes()[:-40])  # the footer is gone
+    (bad,) = read_all(path, "parquet")
+    assert bad.reason == "corrupt-archive" and "not readable as parquet" in bad.detail

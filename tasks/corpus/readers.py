@@ -311,27 +311,34 @@ def _json(path, start, end, max_chars):
 
 
 def _parquet(path, start, end, max_chars):
+    """Rows in file order; a file that is not readable parquet (cut short, corrupt page) keeps the
+    rows before the damage and quarantines the rest as one corrupt-archive record."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    handle = pq.ParquetFile(path)
-    names = handle.schema_arrow.names
-    text_col = "text" if "text" in names else "content" if "content" in names else None
-    if text_col is None:
-        yield Bad("missing-text", "0", f"no text or content column (columns: {', '.join(names)})")
-        return
-    columns = [c for c in (text_col, "title", "id") if c in names]
     row = 0
-    for batch in handle.iter_batches(batch_size=1024, columns=columns):
-        for record in batch.to_pylist():
-            key = str(row)
-            row += 1
-            text = record.get(text_col)
-            if not isinstance(text, str):
-                yield Bad("wrong-type", key, f"{text_col} is {type(text).__name__}, not a string")
-                continue
-            title = record.get("title") if isinstance(record.get("title"), str) else ""
-            meta = {"id": record["id"]} if record.get("id") is not None else {}
-            yield Doc(key, title, text, meta)
+    try:
+        handle = pq.ParquetFile(path)
+        names = handle.schema_arrow.names
+        text_col = "text" if "text" in names else "content" if "content" in names else None
+        if text_col is None:
+            yield Bad("missing-text", "0", f"no text or content column (columns: {', '.join(names)})")
+            return
+        columns = [c for c in (text_col, "title", "id") if c in names]
+        for batch in handle.iter_batches(batch_size=1024, columns=columns):
+            for record in batch.to_pylist():
+                key = str(row)
+                row += 1
+                text = record.get(text_col)
+                if not isinstance(text, str):
+                    yield Bad("wrong-type", key, f"{text_col} is {type(text).__name__}, not a string")
+                    continue
+                title = record.get("title") if isinstance(record.get("title"), str) else ""
+                meta = {"id": record["id"]} if record.get("id") is not None else {}
+                yield Doc(key, title, text, meta)
+    except (pa.ArrowException, OSError) as err:
+        yield Bad("corrupt-archive", str(row), f"not readable as parquet after row {row}: {type(err).__name__}: "
+                  f"{str(err).splitlines()[0] if str(err) else ''}; the rest of the file is quarantined")
 
 
 def _text(path, start, end, max_chars):

@@ -16,6 +16,7 @@ holds a secret is raised again with the secret masked.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import sys
@@ -124,6 +125,24 @@ def check_inputs(stage: Stage, inputs: dict[str, Manifest], store: ArtifactStore
             ) from None
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def out_of_space(err: BaseException | None) -> BaseException | None:
+    """The error (in `err`'s chain) that says the disk or a quota is full, or None. Matched by errno
+    and, for errors re-raised from worker processes or native code (pyarrow, torch), by text."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return err
+        if any(text in str(err) for text in _FULL_TEXT):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def run_stage(
     stage: Stage,
     profile: ProfileBase,
@@ -169,6 +188,15 @@ def run_stage(
     except BaseException as err:
         if tracker and run_id:
             tracker.finish(run_id, ok=False)
+        full = out_of_space(err)
+        if full is not None:
+            lines = str(full).splitlines() or [type(full).__name__]
+            reason = next((line for line in lines if any(t in line for t in _FULL_TEXT)), lines[-1]).strip()
+            raise ArtifactError(
+                f"stage {stage.name} ran out of disk space writing {redact_text(str(out.path))} "
+                f"({redact_text(reason)}). Nothing was committed, and the work finished so far is kept there. "
+                f"Free space on that disk (or set store.root to a larger one) and run again."
+            ) from None
         clean = scrubbed(err) if isinstance(err, Exception) else None
         if clean is not None:
             raise clean from None

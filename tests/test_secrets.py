@@ -148,3 +148,14 @@ def test_planted_secrets_reach_no_file_log_or_store(http_server, make_profile, t
     assert checked > 20  # manifests, parquet shards, mlflow.db, prefect.db, results, logs
     names = {p.name for place in places[:2] for p in place.rglob("*")}
     assert {"mlflow.db", "prefect.db", "_MANIFEST.json"} <= names
+
+
+def test_a_result_storage_url_with_a_credential_is_refused(make_profile):
+    """Prefect stores its result block (with the URL) in its database: a credential there is refused."""
+    from flows.pipeline import result_storage
+    from storage.errors import SlmError
+
+    profile = load_profile(str(make_profile({"store": {"results": f"https://bob:{SECRETS['userinfo']}@host/results"}})))
+    with pytest.raises(SlmError, match=r"store.results https://\*\*\*@host/results holds a credential") as err:
+        result_storage(profile)
+    assert SECRETS["userinfo"] not in str(err.value)

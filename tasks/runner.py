@@ -143,6 +143,15 @@ def out_of_space(err: BaseException | None) -> BaseException | None:
     return None
 
 
+def disk_is_full(path: Path) -> bool:
+    """Less than 1 MiB left for us where `path` is: a failure there is most likely the full disk, even
+    when the process that hit it could not say so (its own log was on the same disk)."""
+    try:
+        return shutil.disk_usage(path).free < (1 << 20)
+    except OSError:
+        return False
+
+
 def run_stage(
     stage: Stage,
     profile: ProfileBase,
@@ -188,10 +197,12 @@ def run_stage(
     except BaseException as err:
         if tracker and run_id:
             tracker.finish(run_id, ok=False)
-        full = out_of_space(err)
+        full = out_of_space(err) or (err if isinstance(err, Exception) and disk_is_full(out.path) else None)
         if full is not None:
             lines = str(full).splitlines() or [type(full).__name__]
-            reason = next((line for line in lines if any(t in line for t in _FULL_TEXT)), lines[-1]).strip()
+            reason = next((line for line in lines if any(t in line for t in _FULL_TEXT)), lines[0]).strip()
+            if not any(t in reason for t in _FULL_TEXT):
+                reason = f"{shutil.disk_usage(out.path).free} bytes left on that disk; the error was: {reason}"
             raise ArtifactError(
                 f"stage {stage.name} ran out of disk space writing {redact_text(str(out.path))} "
                 f"({redact_text(reason)}). Nothing was committed, and the work finished so far is kept there. "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ def main() -> int:
     parser.add_argument("--stages", help="comma-separated subset of " + ",".join(STAGES))
     parser.add_argument("--work", help="where the pipeline homes go (default: a temporary directory, removed)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout` / kill: clean up as on Ctrl-C
     stages = args.stages.split(",") if args.stages else STAGES
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="slm-faults-"))
     rng = random.Random(args.seed)

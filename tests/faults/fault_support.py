@@ -130,6 +130,9 @@ class Home:
         except subprocess.TimeoutExpired:
             kill_group(proc)
             raise AssertionError(f"slm run did not finish within {RUN_TIMEOUT} s:\n{tail(log)}") from None
+        except BaseException:  # interrupted (Ctrl-C, a test timeout): leave no run behind
+            kill_group(proc)
+            raise
 
 
 def tail(log: Path, chars: int = 3000) -> str:

@@ -14,7 +14,8 @@ plus the common extensions top_k and repetition_penalty. n must be 1; presence/f
 and logprobs are not supported and are refused (400) when asked for.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for bad JSON, bad
-fields, max_tokens above the cap and prompts over the limit (code context_length_exceeded); 401 for a
+fields (integers out of range included: seed must fit 64 bits, max_tokens and top_k 31), max_tokens
+above the cap and prompts over the limit (code context_length_exceeded); 401 for a
 missing/wrong API key (when one is set); 404 for an unknown model or route; 413 for a body over
 max_body_bytes; 503 when the queue is full. A bad request never stops the server.
 
@@ -75,21 +76,26 @@ class APIError(Exception):
 
 # --------------------------------------------------------------------------- request bodies
 
+# JSON integers are unbounded; torch's generator takes a 64-bit seed and counts fit 31 bits. Out of
+# range is the client's error (400), never an overflow deep in the engine (500).
+INT31 = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata, ...)
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT31)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=INT31)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = 1
+    n: int = Field(1, ge=-INT31, le=INT31)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: bool | int | None = None
@@ -133,7 +139,7 @@ class _Message(BaseModel):
 
 class ChatRequest(_Body):
     messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT31)
 
 
 class CompletionRequest(_Body):

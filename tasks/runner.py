@@ -90,7 +90,8 @@ def run_stage(
         store.verify(existing, full=profile.store.verify == "full")
         return existing
 
-    out = store.begin(stage.name, key, workers=profile.runtime.workers)
+    out = store.begin(stage.name, key, workers=profile.runtime.workers, executor=profile.runtime.executor,
+                      ray_address=profile.runtime.ray_address)
     run_id = tracker.stage_run(parent_run_id, stage.name, key, sliced) if tracker else None
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     try:

@@ -109,3 +109,49 @@ def test_an_unreachable_ray_address_fails_in_seconds_naming_the_setting(tmp_path
     with pytest.raises(SlmError, match="runtime.ray_address"):
         run_units(out, "phase", [Unit("u0", {"name": "u0"})], unit_that_raises, "units")
     assert time.monotonic() - started < 30
+
+
+def unit_that_counts_its_runs(args: dict) -> dict:
+    """Leaves one file per run (so a test can count reruns), takes a moment, then its output."""
+    out = Path(args["out"])
+    (out / f"ran-{args['name']}-{os.getpid()}-{time.monotonic_ns()}").touch()
+    time.sleep(args.get("seconds", 0))
+    return {"files": [], "name": args["name"]}
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+import ray
+import test_corpus_ray as t
+ray.cloudpickle.register_pickle_by_value(t)
+from storage.artifacts import ArtifactStore
+from tasks.corpus.parallel import Unit, run_units
+store = ArtifactStore({root!r}, {home!r})
+out = store.begin("units-test", "5" * 64, executor="ray", ray_address={address!r})
+units = [Unit(f"u{{i}}", {{"name": f"u{{i}}", "out": str(out.path), "seconds": 2}}) for i in range(8)]
+run_units(out, "phase", units, t.unit_that_counts_its_runs, "units")
+"""
+
+
+def test_a_stage_rerun_after_kill_9_of_its_driver_resumes_from_the_unit_markers(tmp_path, cluster):
+    import signal
+    import subprocess
+    root, home = str(tmp_path / "store"), str(tmp_path)
+    script = DRIVER.format(tests=str(Path(__file__).parent), root=root, home=home, address=cluster.address)
+    driver = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    store = ArtifactStore(root, tmp_path)
+    out = store.begin("units-test", "5" * 64, executor="ray", ray_address=cluster.address)
+    markers = out.path / "_work" / "phase"
+    deadline = time.monotonic() + 180
+    while len(list(markers.glob("*.json"))) < 2 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    done_before = {p.stem for p in markers.glob("*.json")}
+    assert 2 <= len(done_before) < 8, "the driver was killed mid-stage"
+    units = [Unit(f"u{i}", {"name": f"u{i}", "out": str(out.path)}) for i in range(8)]
+    results = run_units(out, "phase", units, unit_that_counts_its_runs, "units")
+    assert sorted(results) == [f"u{i}" for i in range(8)]
+    for name in done_before:  # a unit with a marker is not run again
+        assert len(list(out.path.glob(f"ran-{name}-*"))) == 1, name

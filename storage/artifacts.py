@@ -71,6 +71,8 @@ class ArtifactDir:
     path: Path
     store: "ArtifactStore"
     workers: int = 1
+    executor: str = "local"  # runtime.executor: where tasks.corpus.parallel runs the units
+    ray_address: str | None = None  # runtime.ray_address (executor ray)
     metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
     logged: list[str] = field(default_factory=list)  # artifact files to copy to the MLflow run
 
@@ -300,7 +302,8 @@ class ArtifactStore:
                 f"store.root in the profile (or SLM_HOME) to a writable place."
             ) from None
 
-    def begin(self, stage: str, key: str, workers: int = 1) -> ArtifactDir:
+    def begin(self, stage: str, key: str, workers: int = 1, executor: str = "local",
+              ray_address: str | None = None) -> ArtifactDir:
         """Open the working directory for a stage run, with any earlier partial work in it."""
         if self.is_local:
             path = Path(self._partial(stage, key))
@@ -321,7 +324,8 @@ class ArtifactStore:
                     if not (local.exists() and local.stat().st_size == self.fs.size(file)):
                         local.parent.mkdir(parents=True, exist_ok=True)
                         self.fs.get_file(file, str(local))
-        return ArtifactDir(stage=stage, key=key, path=path, store=self, workers=workers)
+        return ArtifactDir(stage=stage, key=key, path=path, store=self, workers=workers,
+                           executor=executor, ray_address=ray_address)
 
     def _upload_partial(self, out: ArtifactDir, rel: str) -> None:
         if self.is_local:

@@ -175,7 +175,8 @@ def run_stage(
     repaired = broken or repaired
     check_inputs(stage, inputs, store, profile)
 
-    out = store.begin(stage.name, key, workers=profile.runtime.workers)
+    out = store.begin(stage.name, key, workers=profile.runtime.workers, executor=profile.runtime.executor,
+                      ray_address=profile.runtime.ray_address)
     run_id = tracker.stage_run(parent_run_id, stage.name, key, shown) if tracker else None
     if tracker and run_id and repaired:
         tracker.set_tag(run_id, "slm.repaired", redact_text(repaired)[:5000])

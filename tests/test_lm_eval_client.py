@@ -66,10 +66,10 @@ def questions(tokenizer, max_tokens: int, n: int) -> list[dict]:
     return rows[:n]
 
 
-def direct_accuracy(model_dir: Path, rows: list[dict]) -> float:
-    """Multiple-choice accuracy by scoring in-process: for each question, the choice whose
-    continuation " X" has the highest summed log-probability after the prompt (lm-eval's `acc`, with
-    its split of context and continuation tokens: encode(context + continuation) minus encode(context))."""
+def direct_scores(model_dir: Path, rows: list[dict]) -> list[list[float]]:
+    """Per question, the summed log-probability of each choice's continuation " X" after the prompt,
+    scored in-process with the model (lm-eval's split of context and continuation tokens:
+    encode(context + continuation) minus encode(context)). The highest is the model's answer (`acc`)."""
     from transformers import AutoTokenizer
 
     from model.hf import load_hf_dir
@@ -77,7 +77,7 @@ def direct_accuracy(model_dir: Path, rows: list[dict]) -> float:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model, _ = load_hf_dir(model_dir, dtype=torch.float32)
     model.eval()
-    right = 0
+    out = []
     for row in rows:
         context = prompt_of(row)
         n_ctx = len(tok.encode(context, add_special_tokens=False))
@@ -87,8 +87,8 @@ def direct_accuracy(model_dir: Path, rows: list[dict]) -> float:
             with torch.no_grad():
                 logp = model(torch.tensor([whole]))[0].float().log_softmax(-1)
             scores.append(sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole))))
-        right += int(max(range(4), key=scores.__getitem__) == LETTERS.index(row["Answer"]))
-    return right / len(rows)
+        out.append(scores)
+    return out
 
 
 @pytest.mark.slow
@@ -124,7 +124,13 @@ def test_lm_eval_local_completions_multiple_choice(model_dir, tmp_path, monkeypa
         )
     served = out["results"]["slm_cmmlu_dev"]["acc,none"]
     assert len(out["samples"]["slm_cmmlu_dev"]) == len(rows)
-    assert served == pytest.approx(direct_accuracy(model_dir, rows), abs=1e-9)
+    scores = direct_scores(model_dir, rows)
+    direct = sum(max(range(4), key=s.__getitem__) == LETTERS.index(r["Answer"]) for s, r in zip(scores, rows)) / len(rows)
+    print(f"CMMLU dev, {len(rows)} questions: lm-eval through slm serve acc {served:.4f}, in-process {direct:.4f}")
+    assert served == pytest.approx(direct, abs=1e-9)
+    for sample in out["samples"]["slm_cmmlu_dev"]:  # and each choice's loglikelihood, question by question
+        got = [float(resp[0]) for resp in sample["filtered_resps"]]
+        assert got == pytest.approx(scores[sample["doc_id"]], abs=1e-3), sample["doc_id"]
 
 
 # --------------------------------------------------------------------------- the shapes themselves

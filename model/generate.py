@@ -238,9 +238,12 @@ def sample(
     if params.repetition_penalty != 1.0 and seen is not None:
         p = params.repetition_penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
-    if params.temperature == 0:
+    # A temperature too small for float32 (2.9e-168 in the serve fuzz) is the limit: argmax.
+    if params.temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shift the maximum to 0 first (softmax does not change): a tiny temperature then sends the other
+    # logits to -inf instead of every logit to +-inf, whose softmax is NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

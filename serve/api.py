@@ -23,7 +23,8 @@ reports by default, from one extra forward over prompt + completion (serve/logpr
 they are not streamed (400 with stream).
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for bad JSON, bad
-fields, max_tokens above the cap and prompts over the limit (code context_length_exceeded); 401 for a
+fields (integers out of range included: seed must fit 64 bits, max_tokens and top_k 31), max_tokens
+above the cap and prompts over the limit (code context_length_exceeded); 401 for a
 missing/wrong API key (when one is set); 404 for an unknown model or route; 413 for a body over
 max_body_bytes; 503 when the queue is full. A bad request never stops the server.
 
@@ -84,21 +85,26 @@ class APIError(Exception):
 
 # --------------------------------------------------------------------------- request bodies
 
+# JSON integers are unbounded; torch's generator takes a 64-bit seed and counts fit 31 bits. Out of
+# range is the client's error (400), never an overflow deep in the engine (500).
+INT31 = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata, ...)
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT31)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=INT31)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = 1
+    n: int = Field(1, ge=-INT31, le=INT31)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
@@ -144,7 +150,7 @@ class _Message(BaseModel):
 
 class ChatRequest(_Body):
     messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT31)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -154,9 +160,14 @@ class ChatRequest(_Body):
 
 class CompletionRequest(_Body):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
+    max_tokens: int | None = Field(None, ge=0, le=INT31)  # 0 only with echo: score the prompt, generate nothing
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=5)  # how many alternatives; false (as some clients send) = none
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _no_logprobs(cls, v):
+        return None if v is False else v
 
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None

@@ -181,3 +181,16 @@ def test_engine_stops_when_the_stage_process_dies(tmp_path, shards):
     end = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "end"][-1]
     assert end["stopped"] == "parent exited" and end["step"] < 5000
     assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out / "checkpoints")) == end["step"]
+
+
+def test_stop_flag_close_leaves_no_watch_thread():
+    """close() ends the parent-watch thread before it returns: a watch thread left running dropped
+    the last reference to the process group during interpreter shutdown and aborted a DDP rank."""
+    import threading
+
+    from tasks.train.engine import Dist, StopFlag
+
+    flag = StopFlag(Dist())
+    assert any(t.name == "parent-watch" for t in threading.enumerate())
+    flag.close()
+    assert not any(t.name == "parent-watch" for t in threading.enumerate())

@@ -81,8 +81,9 @@ def cmd_run(args) -> int:
     profile = load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
     select(until=args.until, only=args.only)
     from flows.full_pipeline import slm
+    from flows.pipeline import hide_secret_overrides
 
-    made = slm(profile=args.profile, overrides=args.overrides, until=args.until, only=args.only)
+    made = slm(profile=args.profile, overrides=hide_secret_overrides(args.overrides), until=args.until, only=args.only)
     print()
     print_table(stage_table(profile))
     from storage.home import project_home
@@ -163,7 +164,7 @@ def cmd_gc(args) -> int:
             if key in referenced.get(stage, set()):
                 continue
             size = store.size_of(stage, name)
-            what = "artifact" if committed else "unfinished"
+            what = "artifact" if committed else "moved aside as broken" if ".broken-" in name else "unfinished"
             print(f"{'remove' if args.yes else 'would remove'} {store.root}/{stage}/{name} ({what}, {_human(size)})")
             if args.yes:
                 store.remove(stage, name)

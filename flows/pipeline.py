@@ -3,37 +3,73 @@
 Each stage is one Prefect task whose cache key is the stage key and whose result (the
 manifest, a few KB) is persisted to the profile's result storage. So a retried flow
 run (UI "Retry", `prefect flow-run retry`) takes finished stages from Prefect's cache,
-and a brand-new run with the same profile finds them in the artifact store. If an
-artifact was deleted after Prefect cached its manifest, the flow refreshes that cache
-entry instead of trusting it.
+and a brand-new run with the same profile finds them in the artifact store. Prefect's
+cache never answers for an artifact that does not verify: before each stage the flow checks
+the committed artifact (tasks/runner.reusable: files, sizes, sha256); a missing one refreshes
+the cache entry, a broken one is reported in the flow's log, moved aside and recomputed (its
+MLflow run tagged `slm.repaired`).
+
+Secrets: log lines pass through storage/redact.py's filter (terminal and Prefect UI alike); an
+override that holds a secret reaches the flow run as its redacted text (that is what Prefect stores
+and shows) and is restored from SLM_SECRET_OVERRIDES, which `slm run` fills in its own process;
+errors leave the flow with their secrets masked.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 
 from prefect import task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
 from profiles.loader import load_profile
 from profiles.schema import ProfileBase
+from storage.errors import SlmError
 from storage.home import project_home
 from storage.keys import short
 from storage.manifest import Manifest
+from storage.redact import install_log_redaction, redact_text, scrubbed
 from tasks.registry import all_stages, select
-from tasks.runner import compute_keys, open_store, open_tracker, run_stage, upstream_manifests
+from tasks.runner import compute_keys, open_store, open_tracker, reusable, run_stage, upstream_manifests
 
 
 @task(persist_result=True)
-def stage_task(stage_name: str, profile: ProfileBase, inputs: dict[str, Manifest], parent_run_id: str | None) -> Manifest:
+def stage_task(stage_name: str, profile: ProfileBase, inputs: dict[str, Manifest], parent_run_id: str | None,
+               repaired: str | None = None) -> Manifest:
     # The profile object itself, not model_dump(): a dump drops the runtime knobs (fields with
     # exclude=True, kept out of stage keys), so micro_batch, nproc, log_every... would be lost.
     stage = all_stages()[stage_name]
-    return run_stage(stage, profile, inputs, open_store(profile), open_tracker(profile), parent_run_id)
+    return run_stage(stage, profile, inputs, open_store(profile), open_tracker(profile), parent_run_id, repaired)
+
+
+SECRET_OVERRIDES = "SLM_SECRET_OVERRIDES"  # JSON list of overrides that hold secrets (set by `slm run`)
+
+
+def hide_secret_overrides(overrides: list[str]) -> list[str]:
+    """The overrides as a flow run may record them: each one holding a secret is replaced by its
+    redacted text and kept, whole, in this process's environment (restored by run_pipeline)."""
+    secret = [o for o in overrides if redact_text(o) != o]
+    if secret:
+        os.environ[SECRET_OVERRIDES] = json.dumps(secret)
+    return [redact_text(o) for o in overrides]
+
+
+def restore_secret_overrides(overrides: list[str] | None) -> list[str] | None:
+    if not overrides:
+        return overrides
+    known = {redact_text(o): o for o in json.loads(os.environ.get(SECRET_OVERRIDES) or "[]")}
+    return [known.get(o, o) for o in overrides]
 
 
 def result_storage(profile: ProfileBase):
-    """A saved Prefect filesystem block for the profile's result storage (path or fsspec URL)."""
+    """A saved Prefect filesystem block for the profile's result storage (path or fsspec URL).
+
+    The block is stored in Prefect's database, so its location must not hold a credential."""
     location = profile.store.results or str(project_home() / "prefect-results")
+    if redact_text(location) != location:
+        raise SlmError(f"store.results {redact_text(location)} holds a credential, which Prefect would store "
+                       f"with its result block: give credentials through the environment (AWS_*, ...) instead.")
     name = "slm-results-" + hashlib.sha256(location.encode()).hexdigest()[:10]
     if "://" in location and not location.startswith("file://"):
         block = RemoteFileSystem(basepath=location)
@@ -52,6 +88,17 @@ def run_pipeline(
     group: str | None = None,
 ) -> dict[str, str]:
     """Run the selected stages; returns {stage: artifact URI}."""
+    install_log_redaction()
+    try:
+        return _run_pipeline(flow_name, profile_ref, restore_secret_overrides(overrides), until, only, group)
+    except Exception as err:
+        clean = scrubbed(err)
+        if clean is not None:
+            raise clean from None
+        raise
+
+
+def _run_pipeline(flow_name, profile_ref, overrides, until, only, group) -> dict[str, str]:
     from prefect.runtime import flow_run
 
     profile = load_profile(profile_ref, overrides)
@@ -68,17 +115,19 @@ def run_pipeline(
         for stage in stages:
             inputs = upstream_manifests(stage, store, keys, manifests)
             key = keys[stage.name]
-            committed = store.load_manifest(stage.name, key) is not None
+            committed, repaired = reusable(store, stage.name, key, profile)
             runner = stage_task.with_options(
                 name=stage.name,
                 task_run_name=f"{stage.name}-{short(key)}",
                 cache_key_fn=lambda _ctx, _params, key=key, name=stage.name: f"{name}-{key}",
                 result_storage=storage,
-                refresh_cache=not committed,
+                refresh_cache=committed is None,
             )
-            manifests[stage.name] = runner(stage.name, profile, inputs, parent)
+            result = runner(stage.name, profile, inputs, parent, repaired)
+            # Prefect's cached result is the manifest as it was; the store's verified one is the truth.
+            manifests[stage.name] = committed if committed is not None else result
         ok = True
     finally:
         if tracker and parent:
             tracker.finish(parent, ok)
-    return {name: store.uri(name, m.key) for name, m in manifests.items()}
+    return {name: redact_text(store.uri(name, m.key)) for name, m in manifests.items()}

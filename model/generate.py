@@ -238,9 +238,12 @@ def sample(
     if params.repetition_penalty != 1.0 and seen is not None:
         p = params.repetition_penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
-    if params.temperature == 0:
+    # A temperature too small for float32 (2.9e-168 in the serve fuzz) is the limit: argmax.
+    if params.temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shift the maximum to 0 first (softmax does not change): a tiny temperature then sends the other
+    # logits to -inf instead of every logit to +-inf, whose softmax is NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -305,15 +308,27 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 @dataclass
+class TokenLogprobs:
+    """Scores of a token sequence under the model: for each token after the first, its log-probability
+    given the tokens before it (`chosen`), and the `top` most likely tokens there as (id, logprob),
+    most likely first. Position i of both lists is about token i + 1 of the sequence."""
+
+    chosen: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+@dataclass
 class Completion:
     """One finished generation. token_ids: the generated ids, without the stop token that ended it
-    (if any). num_generated counts every sampled token, that stop token included (API usage)."""
+    (if any). num_generated counts every sampled token, that stop token included (API usage).
+    logprobs: set by callers that score the prompt + token_ids (serve/api.py), else None."""
 
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (stop token or stop string) or "length"
     prompt_tokens: int
     num_generated: int
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -604,6 +619,21 @@ class Engine:
                 return
             if not ahead:
                 nxt = advance(step, nxt)
+
+    @torch.inference_mode()
+    def token_logprobs(self, ids: Sequence[int], top: int = 0) -> TokenLogprobs:
+        """Score `ids` (at least 2 tokens, at most the context) with one full forward: the model's raw
+        distribution (fp32 log-softmax of the logits; no temperature, penalty or top-k/top-p), as
+        OpenAI-style APIs report logprobs. Memory: len(ids) x vocab fp32 values."""
+        if not 2 <= len(ids) <= self.config.max_seq_len:
+            raise ValueError(f"token_logprobs needs 2..{self.config.max_seq_len} tokens, got {len(ids)}")
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        logp = self.model(x)[0, :-1].float().log_softmax(dim=-1)  # (T-1, V): position i predicts token i+1
+        chosen = logp.gather(-1, x[0, 1:, None])[:, 0].tolist()
+        if top <= 0:
+            return TokenLogprobs(chosen, [[] for _ in chosen])
+        values, indices = logp.topk(min(top, logp.shape[-1]), dim=-1)
+        return TokenLogprobs(chosen, [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())])
 
     def generate_tokens_list(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """All steps of generate_tokens, per row, cut after each row's first stop token (kept)."""

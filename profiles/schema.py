@@ -32,7 +32,13 @@ class TrackingSettings(Strict):
 
 
 class RuntimeSettings(Strict):
-    workers: int = Field(2, ge=1, le=256)  # parallel workers inside data stages
+    workers: int = Field(2, ge=1, le=256)  # parallel workers inside data stages (executor local)
+    # Where a data stage's units of work run: `local` (this process and a pool of runtime.workers
+    # processes) or `ray` (one Ray task per unit on a Ray cluster). Neither is part of a cache key.
+    executor: Literal["local", "ray"] = "local"
+    # With executor ray: `auto` (the cluster this machine belongs to), `host:port` (its GCS),
+    # `ray://host:port` (Ray Client), or None for a one-machine Ray started on demand.
+    ray_address: str | None = None
 
 
 # --- sources: what goes into the pipeline -------------------------------------------------

@@ -6,15 +6,25 @@
 Endpoints (the subset of the OpenAI API a chat model needs; the `openai` client works against it):
   GET  /v1/models, /v1/models/{id}   the one model, named after its directory (or `model_name`)
   POST /v1/chat/completions         messages -> reply; "stream": true gives server-sent events
-  POST /v1/completions              raw prompt -> continuation; streams the same way
+  POST /v1/completions              raw prompt(s) -> continuation(s); streams the same way (one prompt)
   GET  /health                      {"status": "ok"} once the model is loaded
   GET  /                            the web chat page (serve/web/), which streams from /v1/chat/completions
 Sampling: temperature, top_p, seed, stop (<= 4 strings), max_tokens (max_completion_tokens for chat),
 plus the common extensions top_k and repetition_penalty. n must be 1; presence/frequency penalties
-and logprobs are not supported and are refused (400) when asked for.
+are not supported and are refused (400) when asked for.
+
+Logprobs (what lm-eval's `local-completions` needs for loglikelihood and multiple-choice tasks):
+/v1/completions takes `logprobs` (0..5 alternatives), `echo` (the prompt is returned before the
+completion, with its tokens' logprobs; the first token's is null) and `max_tokens` 0 with echo (score
+the prompt only); its prompt is a string, a token-id list, or a batch of either (one choice per prompt,
+in order; batches are not streamed). /v1/chat/completions takes `logprobs` and `top_logprobs` (0..20).
+Logprobs are the model's raw distribution (before temperature, penalties, top-k/top-p), as vLLM
+reports by default, from one extra forward over prompt + completion (serve/logprobs.py shapes them);
+they are not streamed (400 with stream).
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for bad JSON, bad
-fields, max_tokens above the cap and prompts over the limit (code context_length_exceeded); 401 for a
+fields (integers out of range included: seed must fit 64 bits, max_tokens and top_k 31), max_tokens
+above the cap and prompts over the limit (code context_length_exceeded); 401 for a
 missing/wrong API key (when one is set); 404 for an unknown model or route; 413 for a body over
 max_body_bytes; 503 when the queue is full. A bad request never stops the server.
 
@@ -75,24 +85,28 @@ class APIError(Exception):
 
 # --------------------------------------------------------------------------- request bodies
 
+# JSON integers are unbounded; torch's generator takes a 64-bit seed and counts fit 31 bits. Out of
+# range is the client's error (400), never an overflow deep in the engine (500).
+INT31 = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata, ...)
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT31)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=INT31)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = 1
+    n: int = Field(1, ge=-INT31, le=INT31)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
 
     @field_validator("stop")
     @classmethod
@@ -110,8 +124,11 @@ class _Body(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise APIError(400, f"{name} is not supported; use repetition_penalty", param=name)
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if self.stream and self.wants_logprobs():
+            raise APIError(400, "logprobs are not streamed; send stream: false", param="logprobs")
+
+    def wants_logprobs(self) -> bool:
+        return False
 
 
 class _Message(BaseModel):
@@ -133,11 +150,32 @@ class _Message(BaseModel):
 
 class ChatRequest(_Body):
     messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT31)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
 
 
 class CompletionRequest(_Body):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, le=INT31)  # 0 only with echo: score the prompt, generate nothing
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)  # how many alternatives; false (as some clients send) = none
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _no_logprobs(cls, v):
+        return None if v is False else v
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 is allowed with echo only)", param="max_tokens")
 
 
 # --------------------------------------------------------------------------- the generation worker
@@ -146,8 +184,9 @@ class CompletionRequest(_Body):
 @dataclass
 class _Job:
     prompt_ids: list[int]
-    params: Any  # model.generate.SamplingParams
+    params: Any  # model.generate.SamplingParams, or None: generate nothing (echo with max_tokens 0)
     loop: asyncio.AbstractEventLoop
+    top_logprobs: int | None = None  # not None: score prompt + completion, with this many alternatives
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -190,16 +229,27 @@ class Worker:
                 return
             if job.cancelled.is_set():
                 continue
-            chunks = self.engine.stream(job.prompt_ids, job.params)
+            chunks = self.engine.stream(job.prompt_ids, job.params) if job.params is not None else _nothing(job)
             try:
                 for chunk in chunks:
                     if job.cancelled.is_set():  # the client went away: stop at this token
                         break
+                    if chunk.finish_reason is not None and job.top_logprobs is not None:
+                        scored = job.prompt_ids + chunk.completion.token_ids
+                        if len(scored) > 1:
+                            chunk.completion.logprobs = self.engine.token_logprobs(scored, job.top_logprobs)
                     job.put(chunk)
             except Exception as err:  # reported to this request only; the worker goes on
                 job.put(err)
             finally:
                 chunks.close()
+
+
+def _nothing(job: _Job):
+    """The stream of a job that generates no token: one final chunk."""
+    from model.generate import Chunk, Completion
+
+    yield Chunk("", "length", Completion("", [], "length", len(job.prompt_ids), 0))
 
 
 async def _chunks(job: _Job) -> AsyncIterator:
@@ -224,6 +274,8 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, engine=
     Engine.from_dir(model_dir, **engine_kwargs) loads it (device, dtype, static, compile)."""
     from model.generate import Engine, SamplingParams
 
+    from .logprobs import TokenText, chat_logprobs, completions_logprobs
+
     cfg = config or ServeConfig()
     model_dir = Path(model_dir)
     if engine is None:
@@ -235,6 +287,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, engine=
     max_prompt = min(cfg.max_prompt_tokens or context - 1, context - 1)
     created = int(time.time())
     worker = Worker(engine, cfg.max_queue)
+    token_text = TokenText(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -331,8 +384,8 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, engine=
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def start(prompt_ids, params) -> _Job:
-        job = _Job(prompt_ids, params, asyncio.get_running_loop())
+    async def start(prompt_ids, params, top_logprobs: int | None = None) -> _Job:
+        job = _Job(prompt_ids, params, asyncio.get_running_loop(), top_logprobs)
         worker.submit(job)
         return job
 
@@ -395,7 +448,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, engine=
         except Exception as err:  # a template that rejects the conversation (e.g. role order)
             raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from None
         params = sampling(req, len(prompt_ids), req.max_completion_tokens or req.max_tokens)
-        job = await start(prompt_ids, params)
+        job = await start(prompt_ids, params, (req.top_logprobs or 0) if req.logprobs else None)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -408,28 +461,57 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, engine=
                 {**base, "object": "chat.completion.chunk"},
             )
         c = await finish(job)
+        logprobs = chat_logprobs(token_text, prompt_ids + c.token_ids, c.logprobs, len(prompt_ids)) \
+            if req.logprobs else None
         return {**base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish_reason}],
+                             "logprobs": logprobs, "finish_reason": c.finish_reason}],
                 "usage": usage(c)}
+
+    def prompt_batch(prompt) -> list[str | list[int]]:
+        """A completions prompt as a list of prompts: a string, a token-id list, or a batch of either."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        vocab = engine.config.vocab_size
+        for p in prompt:
+            if not p:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            if not isinstance(p, str) and not all(0 <= t < vocab for t in p):
+                raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+        return prompt
+
+    async def complete_one(req: CompletionRequest, index: int, prompt) -> tuple[dict, Any]:
+        """One choice of a non-streamed completion (echo and logprobs as asked) and its Completion."""
+        prompt_ids = await run_in_threadpool(engine.encode, prompt) if isinstance(prompt, str) else list(prompt)
+        score_only = req.max_tokens == 0  # echo + max_tokens 0: the prompt's logprobs, nothing generated
+        params = sampling(req, len(prompt_ids), 1 if score_only else req.max_tokens)  # also checks the length
+        job = await start(prompt_ids, None if score_only else params, req.logprobs)
+        c = await finish(job)
+        head = ""
+        if req.echo:
+            head = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        logprobs = None
+        if req.logprobs is not None:
+            first = 0 if req.echo else len(prompt_ids)
+            logprobs = completions_logprobs(token_text, prompt_ids + c.token_ids, c.logprobs, first,
+                                            len(head) + len(c.text))
+        return {"index": index, "text": head + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}, c
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request)
         req = parse(CompletionRequest, await read_json(request))
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, "send one prompt per request", param="prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        prompt_ids = await run_in_threadpool(engine.encode, prompt)
-        params = sampling(req, len(prompt_ids), req.max_tokens)
-        job = await start(prompt_ids, params)
+        prompts = prompt_batch(req.prompt)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name,
                 "object": "text_completion"}
         if req.stream:
+            if len(prompts) != 1 or req.echo:
+                raise APIError(400, "streaming takes one prompt and no echo", param="stream")
+            prompt_ids = prompts[0] if not isinstance(prompts[0], str) else \
+                await run_in_threadpool(engine.encode, prompts[0])
+            job = await start(list(prompt_ids), sampling(req, len(prompt_ids), req.max_tokens))
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             return streaming(
                 job,
@@ -439,9 +521,14 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, engine=
                 include_usage,
                 base,
             )
-        c = await finish(job)
-        return {**base, "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
-                "usage": usage(c)}
+        # one prompt after the other through the queue, so a batch never takes more than one queue place
+        choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for index, prompt in enumerate(prompts):
+            choice, c = await complete_one(req, index, prompt)
+            choices.append(choice)
+            for key, value in usage(c).items():
+                total[key] += value
+        return {**base, "choices": choices, "usage": total}
 
     # ------------------------------------------------------------------ the web page
 

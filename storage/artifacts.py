@@ -18,12 +18,20 @@ manifest last. Either way a reader never sees half an artifact: no manifest, no 
 
 Reading: `store.local_path(manifest, rel)` gives a local file (remote files are fetched
 once into `<home>/cache` and checked against their sha256).
+
+Trust: `store.verify(manifest)` checks every listed file before an artifact is reused (sizes
+always; sha256 of local files, skipped only for a file whose recorded identity shows it is the
+very file hashed before: storage/identity.py). A broken artifact raises BrokenArtifact; the
+runner then calls `store.move_aside(...)`, which renames it to `<key>.broken-<UTC time>` (never
+deletes it) so the stage is recomputed under its key.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,15 +39,27 @@ import fsspec
 from pydantic import ValidationError
 
 from storage.errors import SlmError
+from storage.identity import Identities
 from storage.keys import short
 from storage.manifest import MANIFEST_NAME, Manifest, sha256_of
 
 PARTIAL_SUFFIX = ".partial"
+BROKEN_INFIX = ".broken-"  # <key>.broken-<UTC time>: an artifact that failed verification, moved aside
+BROKEN_NOTE = "_BROKEN.txt"  # inside a moved-aside artifact: why it was moved
 SCRATCH = "_work"  # a stage's private progress files: kept across restarts, dropped at commit
 
 
 class ArtifactError(SlmError):
     pass
+
+
+class BrokenArtifact(ArtifactError):
+    """A committed artifact that must not be reused: a file missing, of the wrong size or content,
+    or a manifest that is unreadable or belongs elsewhere. `path` names the file at fault."""
+
+    def __init__(self, message: str, stage: str, key: str, path: str):
+        super().__init__(message)
+        self.stage, self.key, self.path = stage, key, path
 
 
 @dataclass
@@ -51,6 +71,8 @@ class ArtifactDir:
     path: Path
     store: "ArtifactStore"
     workers: int = 1
+    executor: str = "local"  # runtime.executor: where tasks.corpus.parallel runs the units
+    ray_address: str | None = None  # runtime.ray_address (executor ray)
     metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
     logged: list[str] = field(default_factory=list)  # artifact files to copy to the MLflow run
 
@@ -123,38 +145,95 @@ class ArtifactStore:
                 manifest = Manifest.model_validate(json.loads(handle.read()))
         except (ValueError, ValidationError) as err:
             first = str(err).splitlines()[0]
-            raise ArtifactError(
-                f"{path} is corrupt ({first}). Delete {directory} to recompute the stage."
+            raise BrokenArtifact(
+                f"{path} is corrupt ({first}). `slm run` moves {directory} aside and recomputes the stage.",
+                stage, key, path,
             ) from None
         if manifest.stage != stage or manifest.key != key:
-            raise ArtifactError(
+            raise BrokenArtifact(
                 f"{path} belongs to {manifest.stage}/{short(manifest.key)}, not {stage}/{short(key)}. "
-                f"Delete {directory} to recompute the stage."
+                f"`slm run` moves {directory} aside and recomputes the stage.",
+                stage, key, path,
             )
         return manifest
 
     def verify(self, manifest: Manifest, full: bool = True) -> None:
-        """Check sizes (and sha256 for local roots when full) of every listed file."""
+        """Check every listed file: present, its size, and (local roots, `full`) its sha256.
+
+        A file whose identity (storage/identity.py) is unchanged since its hash last matched is
+        not hashed again, so a verified cache hit costs one stat per file. Remote roots check
+        sizes from one listing; their contents are checked when fetched (local_path).
+        Raises BrokenArtifact naming the first file at fault.
+        """
         directory = self._dir(manifest.stage, manifest.key)
-        for entry in manifest.files:
-            path = f"{directory}/{entry.path}"
-            if not self.fs.exists(path):
-                raise ArtifactError(
-                    f"{path} is listed in its manifest but missing. Delete {directory} to recompute."
-                )
-            size = self.fs.size(path)
-            if size != entry.size:
-                raise ArtifactError(
-                    f"{path} has {size} bytes, its manifest says {entry.size}. "
-                    f"Delete {directory} to recompute."
-                )
-            if full and self.is_local:
+        fix = f"`slm run` moves {directory} aside and recomputes it."
+
+        def broken(message: str, path: str) -> BrokenArtifact:
+            return BrokenArtifact(f"{message} {fix}", manifest.stage, manifest.key, path)
+
+        if not self.is_local:
+            self.fs.invalidate_cache(directory)
+            found = self.fs.find(directory, detail=True) if self.fs.exists(directory) else {}
+            sizes = {name.rstrip("/"): info.get("size") for name, info in found.items()}
+            for entry in manifest.files:
+                path = f"{directory}/{entry.path}"
+                if path not in sizes:
+                    raise broken(f"{path} is listed in its manifest but missing.", path)
+                if sizes[path] != entry.size:
+                    raise broken(f"{path} has {sizes[path]} bytes, its manifest says {entry.size}.", path)
+            return
+        known = self._identities(manifest.stage, manifest.key)
+        try:
+            for entry in manifest.files:
+                path = f"{directory}/{entry.path}"
+                try:
+                    size = os.stat(path).st_size
+                except FileNotFoundError:
+                    raise broken(f"{path} is listed in its manifest but missing.", path) from None
+                if size != entry.size:
+                    raise broken(f"{path} has {size} bytes, its manifest says {entry.size}.", path)
+                if not full or known.unchanged(entry.path, path):
+                    continue
                 actual = sha256_of(Path(path))
                 if actual != entry.sha256:
-                    raise ArtifactError(
-                        f"{path} sha256 is {actual}, its manifest says {entry.sha256}: the file "
-                        f"changed after it was written. Delete {directory} to recompute."
-                    )
+                    known.forget(entry.path)
+                    raise broken(f"{path} sha256 is {actual}, its manifest says {entry.sha256}: the file "
+                                 f"changed after it was written.", path)
+                known.remember(entry.path, path)
+        finally:
+            known.save()
+
+    def _identities(self, stage: str, key: str) -> Identities:
+        """The record of file identities of one local artifact (see storage/identity.py)."""
+        root = hashlib.sha256(self.fs_root.encode()).hexdigest()[:12]
+        return Identities(self.home / "verified" / root / stage / f"{short(key)}.json")
+
+    def move_aside(self, stage: str, key: str, reason: str) -> str:
+        """Rename a broken artifact to `<key>.broken-<UTC time>` (nothing is deleted) with a note
+        saying why; returns where it went. Its key is then free for the stage to recompute."""
+        directory = self._dir(stage, key)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = f"{directory}{BROKEN_INFIX}{stamp}"
+        n = 1
+        while self.fs.exists(target):
+            n += 1
+            target = f"{directory}{BROKEN_INFIX}{stamp}-{n}"
+        if self.is_local:
+            os.rename(directory, target)
+        else:  # an object store has no rename: copy every object, drop the manifest first, then the rest
+            self.fs.invalidate_cache(directory)
+            for path in self.fs.find(directory):
+                self.fs.copy(path, target + path[len(directory):])
+            if self.fs.exists(f"{directory}/{MANIFEST_NAME}"):
+                self.fs.rm(f"{directory}/{MANIFEST_NAME}")
+            self.fs.rm(directory, recursive=True)
+            self.fs.invalidate_cache(directory)
+        self.fs.pipe_file(f"{target}/{BROKEN_NOTE}", (reason + "\n").encode("utf-8"))
+        if self.is_local:
+            self._identities(stage, key).drop()
+        else:
+            shutil.rmtree(self._cache_dir(stage, key), ignore_errors=True)
+        return self.root + target[len(self.fs_root):]
 
     def local_path(self, manifest: Manifest, rel: str) -> Path:
         """A local file for one file of a committed artifact (fetched and checked if remote)."""
@@ -162,7 +241,11 @@ class ArtifactStore:
         if self.is_local:
             return Path(self._dir(manifest.stage, manifest.key)) / rel
         target = self._cache_dir(manifest.stage, manifest.key) / rel
-        if target.exists() and target.stat().st_size == entry.size:
+        known = self._identities(manifest.stage, manifest.key)
+        if target.exists() and target.stat().st_size == entry.size and (
+                known.unchanged(rel, target) or sha256_of(target) == entry.sha256):
+            known.remember(rel, target)
+            known.save()
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
@@ -170,15 +253,19 @@ class ArtifactStore:
         actual = sha256_of(tmp)
         if actual != entry.sha256:
             tmp.unlink()
-            raise ArtifactError(
+            raise BrokenArtifact(
                 f"{self.uri(manifest.stage, manifest.key)}/{rel}: sha256 {actual} does not match "
-                f"the manifest's {entry.sha256}. Delete the artifact to recompute it."
+                f"the manifest's {entry.sha256}. `slm run` moves the artifact aside and recomputes it.",
+                manifest.stage, manifest.key, f"{self._dir(manifest.stage, manifest.key)}/{rel}",
             )
         os.replace(tmp, target)
+        known.remember(rel, target)
+        known.save()
         return target
 
     def list_artifacts(self) -> list[tuple[str, str, bool]]:
-        """(stage, directory name, committed) for everything under the root."""
+        """(stage, directory name, committed) for everything under the root; an artifact moved
+        aside as broken (`<key>.broken-...`) is listed as not committed."""
         found = []
         if not self.fs.exists(self.fs_root):
             return found
@@ -188,7 +275,7 @@ class ArtifactStore:
                 continue
             for art in self.fs.ls(stage_dir, detail=False):
                 name = art.rstrip("/").rsplit("/", 1)[-1]
-                committed = self.fs.exists(f"{art}/{MANIFEST_NAME}")
+                committed = BROKEN_INFIX not in name and self.fs.exists(f"{art}/{MANIFEST_NAME}")
                 found.append((stage, name, committed))
         return found
 
@@ -215,7 +302,8 @@ class ArtifactStore:
                 f"store.root in the profile (or SLM_HOME) to a writable place."
             ) from None
 
-    def begin(self, stage: str, key: str, workers: int = 1) -> ArtifactDir:
+    def begin(self, stage: str, key: str, workers: int = 1, executor: str = "local",
+              ray_address: str | None = None) -> ArtifactDir:
         """Open the working directory for a stage run, with any earlier partial work in it."""
         if self.is_local:
             path = Path(self._partial(stage, key))
@@ -236,7 +324,8 @@ class ArtifactStore:
                     if not (local.exists() and local.stat().st_size == self.fs.size(file)):
                         local.parent.mkdir(parents=True, exist_ok=True)
                         self.fs.get_file(file, str(local))
-        return ArtifactDir(stage=stage, key=key, path=path, store=self, workers=workers)
+        return ArtifactDir(stage=stage, key=key, path=path, store=self, workers=workers,
+                           executor=executor, ray_address=ray_address)
 
     def _upload_partial(self, out: ArtifactDir, rel: str) -> None:
         if self.is_local:
@@ -254,6 +343,11 @@ class ArtifactStore:
             tmp.write_bytes(body)
             os.replace(tmp, out.path / MANIFEST_NAME)
             os.rename(out.path, final)
+            known = self._identities(out.stage, out.key)
+            known.drop()
+            for entry in manifest.files:  # hashed by list_files just before: a renamed dir keeps identities
+                known.remember(entry.path, f"{final}/{entry.path}")
+            known.save()
             return
         for entry in manifest.files:
             self.fs.put_file(str(out.path / entry.path), f"{final}/{entry.path}")
@@ -266,6 +360,11 @@ class ArtifactStore:
             shutil.rmtree(cache)
         cache.parent.mkdir(parents=True, exist_ok=True)
         os.replace(out.path, cache)  # the work dir becomes the read cache: no download back
+        known = self._identities(out.stage, out.key)
+        known.drop()
+        for entry in manifest.files:
+            known.remember(entry.path, cache / entry.path)
+        known.save()
 
 
 def _protocols(fs) -> tuple[str, ...]:

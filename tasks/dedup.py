@@ -37,6 +37,7 @@ Resume  steps 1 and 3 keep finished shards; step 2's result is kept as one file.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -92,6 +93,15 @@ def exact_key(text: str) -> tuple[int, int]:
     return value >> 64, value & 0xFFFFFFFFFFFFFFFF
 
 
+def _reserved(memmap):
+    """The memmap with its file's blocks allocated now: on a full disk this raises ENOSPC here,
+    where a write through the sparse mapping later would kill the process with SIGBUS."""
+    if memmap.size and hasattr(os, "posix_fallocate"):
+        with open(memmap.filename, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+    return memmap
+
+
 def signature_unit(args: dict) -> dict:
     clock = time.perf_counter()
     out, name, path = Path(args["out"]), args["name"], Path(args["path"])
@@ -99,8 +109,8 @@ def signature_unit(args: dict) -> dict:
     n = count_rows(path)
     folder = out / SCRATCH / "sig"
     folder.mkdir(parents=True, exist_ok=True)
-    sig_file = np.lib.format.open_memmap(folder / f"{name}.sig.npy.tmp", mode="w+", dtype=np.uint32, shape=(n, num_perm))
-    key_file = np.lib.format.open_memmap(folder / f"{name}.keys.npy.tmp", mode="w+", dtype=np.uint64, shape=(n, bands))
+    sig_file = _reserved(np.lib.format.open_memmap(folder / f"{name}.sig.npy.tmp", mode="w+", dtype=np.uint32, shape=(n, num_perm)))
+    key_file = _reserved(np.lib.format.open_memmap(folder / f"{name}.keys.npy.tmp", mode="w+", dtype=np.uint64, shape=(n, bands)))
     exact = np.zeros((n, 2), dtype=np.uint64)
     has = np.zeros(n, dtype=bool)
     chars = np.zeros(n, dtype=np.int64)

@@ -28,8 +28,10 @@ Reasoning  with `reasoning: true` the teacher's reasoning, from the response's
 Endpoint  the `openai` client: per-request timeout, `retries` with exponential backoff and jitter
         (connection errors, 408/409/429/5xx; Retry-After honoured), at most `concurrency` requests
         in flight; request i carries seed + i. Sampling: temperature (0 = greedy), top_p,
-        max_new_tokens (sent as max_tokens), repetition_penalty (sent only when not 1: not every
-        endpoint knows it).
+        max_new_tokens (sent as max_completion_tokens, OpenAI's current name, which its newer models
+        require; an endpoint that refuses it with a 400 naming the parameter, as older servers do, is
+        asked again with max_tokens, and so are the stage's later requests), repetition_penalty (sent
+        only when not 1: not every endpoint knows it).
 Failures  a prompt whose request still fails after the retries (or that is too long for an HF
         teacher's context, or gets an empty answer) is counted under its reason and written to
         failed_prompts.jsonl; the stage fails only when no prompt is answered (the message gives
@@ -195,6 +197,12 @@ def api_key(cfg: DistillDataConfig) -> str | None:
     return value
 
 
+def refuses(err, name: str) -> bool:
+    """True when a 400 from the endpoint (an openai.BadRequestError) is about the request parameter
+    `name`: OpenAI-shaped errors name it in error.param, other servers only in the message."""
+    return getattr(err, "param", None) == name or name in str(err)
+
+
 def endpoint_answers(cfg: DistillDataConfig, prompts: list[list[dict]], todo: list[int],
                      key: str | None) -> Iterator[Outcome]:
     """Ask the endpoint, at most cfg.concurrency requests in flight; yield Outcomes as they finish.
@@ -209,12 +217,23 @@ def endpoint_answers(cfg: DistillDataConfig, prompts: list[list[dict]], todo: li
                            timeout=cfg.timeout_s)
 
     extensions = {"repetition_penalty": cfg.repetition_penalty} if cfg.repetition_penalty != 1.0 else None
+    length_name = ["max_completion_tokens"]  # becomes "max_tokens" once the endpoint refuses the new name
+
+    def create(i: int):
+        name = length_name[0]
+        try:
+            return client.chat.completions.create(
+                model=cfg.teacher_model, messages=prompts[i], temperature=cfg.temperature, top_p=cfg.top_p,
+                seed=cfg.seed + i, extra_body=extensions, **{name: cfg.max_new_tokens})
+        except openai.BadRequestError as err:
+            if name != "max_completion_tokens" or not refuses(err, name):
+                raise
+            length_name[0] = "max_tokens"  # a race between threads only costs one more refused request
+            return create(i)
 
     def ask(i: int) -> Outcome:
         try:
-            resp = client.chat.completions.create(
-                model=cfg.teacher_model, messages=prompts[i], max_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + i, extra_body=extensions)
+            resp = create(i)
             if not resp.choices:
                 return Outcome(i, reason="no choices in the response")
             choice = resp.choices[0]

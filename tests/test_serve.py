@@ -185,7 +185,9 @@ def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving(serve
         _error(post({**ok, "messages": [{"role": "user", "content": "好" * 30_000}]}), 413, code="request_too_large")
         chunked = http.post(chat, content=(b"x" * 1000 for _ in range(40)))  # no Content-Length: counted as read
         _error(chunked, 413, code="request_too_large")
-        _error(http.post(url + "/v1/completions", json={"model": name, "prompt": ["a", "b"]}), 400, param="prompt")
+        _error(http.post(url + "/v1/completions", json={"model": name, "prompt": ["a", ""]}), 400, param="prompt")
+        _error(http.post(url + "/v1/completions", json={"model": name, "prompt": ["a", "b"], "stream": True}), 400,
+               param="stream")  # a batch is not streamed
         _error(http.get(url + "/v1/nothing-here"), 404)
         _error(http.get(url + "/v1/models/other"), 404, code="model_not_found")
         assert http.post(chat, json=ok).status_code == 200  # still serving

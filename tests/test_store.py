@@ -130,7 +130,7 @@ def test_corrupt_or_foreign_manifest_is_an_error_and_nothing_is_deleted(artifact
     with pytest.raises(ArtifactError) as err:
         store.load_manifest("demo", good.key)
     assert f"demo/{short(good.key)}/{MANIFEST_NAME} is corrupt" in str(err.value)
-    assert "Delete" in str(err.value)
+    assert "`slm run` moves" in str(err.value) and "aside and recomputes" in str(err.value)
 
     # A manifest copied from another artifact does not pass for this one.
     store.fs.pipe_file(manifest_path, other.model_dump_json().encode())
@@ -281,45 +281,90 @@ def test_stages_and_show_print_the_table_and_manifest(artifact_root, tmp_path, m
     assert len(err) == 1 and "is not in" in err[0] and "slm run --profile" in err[0]
 
 
-def test_bad_artifacts_through_the_cli_and_runner_delete_nothing(artifact_root, slm_home, tmp_path, make_profile, capsys):
+def broken_dirs(store: ArtifactStore, stage: str, key: str) -> list[str]:
+    """The moved-aside copies of `<stage>/<key>` (`<key>.broken-<time>`), oldest first."""
+    store.fs.invalidate_cache()
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(f"{store.fs_root}/{stage}", detail=False)
+                  if f"{short(key)}.broken-" in p)
+
+
+def test_broken_artifacts_are_moved_aside_and_recomputed(artifact_root, slm_home, tmp_path, make_profile, capsys, caplog):
+    """A committed artifact that no longer verifies is never reused: the runner reports it, moves it
+    to `<key>.broken-<time>` (nothing deleted) and recomputes the stage under the same key."""
     path = local_profile(make_profile, tmp_path, artifact_root, "p", {"a.txt": "春眠不觉晓\n"})
     manifest = download(path)
     store = open_store(load_profile(str(path)))
     directory = store._dir("download", manifest.key)
-    before = artifact_files(store)
-
-    # 1. A file changed after commit (same size): the runner refuses to reuse it.
     original = store.fs.cat_file(f"{directory}/corpus/a.txt")
-    store.fs.pipe_file(f"{directory}/corpus/a.txt", corrupt_same_size(original))
+
+    # 1. Same size, other bytes (local: sha256 at reuse; S3: sha256 when the file is fetched) and a
+    #    truncated file (both: the size): moved aside with a note naming the file, recomputed.
     if not store.is_local:
+        store.fs.pipe_file(f"{directory}/corpus/a.txt", corrupt_same_size(original))
         shutil.rmtree(slm_home / "cache")
         with pytest.raises(ArtifactError, match="does not match the manifest"):
             store.local_path(manifest, "corpus/a.txt")
-    else:
-        with pytest.raises(ArtifactError, match="changed after it was written"):
-            download(path)
-    store.fs.pipe_file(f"{directory}/corpus/a.txt", original)
+    for damaged in (corrupt_same_size(original), original[:5]):
+        if not store.is_local and len(damaged) == len(original):
+            continue
+        store.fs.pipe_file(f"{directory}/corpus/a.txt", damaged)
+        caplog.clear()
+        again = download(path)
+        assert again.key == manifest.key and again.files == manifest.files
+        assert store.fs.cat_file(f"{directory}/corpus/a.txt") == original
+        moved = f"{store.fs_root}/download/{broken_dirs(store, 'download', manifest.key)[-1]}"
+        assert store.fs.cat_file(f"{moved}/corpus/a.txt") == damaged  # kept, not deleted
+        note = store.fs.cat_file(f"{moved}/_BROKEN.txt").decode()
+        assert f"{directory}/corpus/a.txt" in note
+        assert "changed after it was written" in note or "its manifest says" in note
+        assert any("is broken and will be recomputed" in r.message and "corpus/a.txt" in r.message
+                   for r in caplog.records)
+    assert len(broken_dirs(store, "download", manifest.key)) == (2 if store.is_local else 1)
 
-    # 2. A corrupt manifest: `stages` says broken (naming the file), `show` and the runner fail.
+    # 2. A corrupt manifest: `stages` says broken (naming the file), `show` fails in one line, the
+    #    runner moves it aside and recomputes.
     store.fs.pipe_file(f"{directory}/{MANIFEST_NAME}", b"\x00garbage")
     assert slm(["stages", "--profile", str(path)]) == 0
     row = capsys.readouterr().out.splitlines()[1]
     assert "broken:" in row and f"{short(manifest.key)}/{MANIFEST_NAME} is corrupt" in row
     assert slm(["show", "download", "--profile", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is corrupt" in err[0] and f"Delete {directory}" in err[0]
-    with pytest.raises(ArtifactError, match="is corrupt"):
-        download(path)
+    assert len(err) == 1 and "is corrupt" in err[0] and f"moves {directory} aside" in err[0]
+    assert download(path).files == manifest.files
+    moved = f"{store.fs_root}/download/{broken_dirs(store, 'download', manifest.key)[-1]}"
+    assert store.fs.cat_file(f"{moved}/{MANIFEST_NAME}") == b"\x00garbage"
 
-    # 3. A missing manifest (local: the directory is then foreign and refused).
+    # 3. The moved-aside copies are neither artifacts nor reused; gc offers them for deletion.
+    assert [c for s, n, c in store.list_artifacts() if ".broken-" in n] == [False] * len(broken_dirs(store, "download", manifest.key))
+    assert slm(["gc", "--profile", str(path)]) == 0
+    assert "moved aside as broken" in capsys.readouterr().out
+
+    # 4. A directory without a manifest (local) is foreign, not slm's: refused, left alone.
     store.fs.rm(f"{directory}/{MANIFEST_NAME}")
     if store.is_local:
         with pytest.raises(ArtifactError, match=f"has no {MANIFEST_NAME}"):
             download(path)
+        assert store.fs.cat_file(f"{directory}/corpus/a.txt") == original
 
-    after = artifact_files(store)
-    expected = {k: v for k, v in before.items() if not k.endswith(MANIFEST_NAME)}
-    assert {k: v for k, v in after.items() if not k.endswith(MANIFEST_NAME)} == expected
+
+def test_a_broken_input_names_the_artifact_file_and_repair(slm_home, tmp_path, make_profile):
+    """`--only extract` over a truncated download artifact fails before reading, naming the input
+    artifact, the file and the command that repairs it; that command does."""
+    path = local_profile(make_profile, tmp_path, str(slm_home / "artifacts"), "p", {"a.txt": "春眠不觉晓\n" * 50})
+    profile = load_profile(str(path))
+    manifest = download(path)
+    store = open_store(profile)
+    target = f"{store._dir('download', manifest.key)}/corpus/a.txt"
+    Path(target).write_bytes(Path(target).read_bytes()[:7])
+    with pytest.raises(ArtifactError) as err:
+        run_stage(all_stages()["extract"], profile, {"download": manifest}, store, None)
+    message = str(err.value)
+    assert f"input download/{short(manifest.key)}" in message and target in message
+    assert f"slm run --profile {profile.name} --until download" in message
+    assert slm(["run", "--profile", str(path), "--until", "download"]) == 0
+    repaired = store.load_manifest("download", manifest.key)
+    store.verify(repaired)
+    assert run_stage(all_stages()["extract"], profile, {"download": repaired}, store, None).counts["out"] == 50
 
 
 def test_gc_dry_run_lists_and_yes_removes_only_unreferenced(artifact_root, tmp_path, make_profile, capsys):

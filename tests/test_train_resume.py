@@ -220,3 +220,16 @@ def test_a_failed_evaluation_costs_no_training(tmp_path, shards, eval_every):
     assert [r["step"] for r in records if r["kind"] == "resume"] == [at]
     assert sorted(losses(out)) == list(range(1, 11))  # every step trained once: none lost, none repeated
     assert [r["step"] for r in records if r["kind"] == "eval"] == [10]
+
+
+def test_stop_flag_close_leaves_no_watch_thread():
+    """close() ends the parent-watch thread before it returns: a watch thread left running dropped
+    the last reference to the process group during interpreter shutdown and aborted a DDP rank."""
+    import threading
+
+    from tasks.train.engine import Dist, StopFlag
+
+    flag = StopFlag(Dist())
+    assert any(t.name == "parent-watch" for t in threading.enumerate())
+    flag.close()
+    assert not any(t.name == "parent-watch" for t in threading.enumerate())

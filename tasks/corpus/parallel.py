@@ -1,4 +1,4 @@
-"""Per-shard work in a process pool, resumable shard by shard.
+"""Per-shard work in a process pool or on a Ray cluster, resumable shard by shard.
 
 run_units(out, phase, units, fn, desc) -> {unit name: result}
   units   a list of Unit(name, args) in a stable order. The plan must not depend on the
@@ -12,7 +12,10 @@ run_units(out, phase, units, fn, desc) -> {unit name: result}
   Resume  when a unit finishes, its files are made durable (out.save_progress) and then its
           result is written to `_work/<phase>/<name>.json` (the marker, last). A restarted
           stage with the same key skips every unit that has a marker and reuses its result.
-  Workers out.workers processes in all: this process is one of them, the other
+  Executor out.executor: "local" (below) or "ray": every pending unit is a Ray task on the
+          cluster at out.ray_address (tasks/corpus/ray_units.py); markers, resume and failures
+          are the same, since both write them here, in the driver, through finish().
+  Workers (local) out.workers processes in all: this process is one of them, the other
           out.workers - 1 are a pool kept for the life of this process and reused by every
           phase of every stage (forkserver: no fork of a threaded parent; the server preloads
           the heavy imports once, and the pool's workers keep what they loaded, e.g. the
@@ -103,10 +106,10 @@ def _submit_when_free(pool: ProcessPoolExecutor, free: threading.Semaphore, fn, 
 
 def in_background(out, fn: Callable, *args) -> Callable[[], Any]:
     """Start fn(*args) on a pool worker, beside the units that follow (out.workers > 1), and return
-    a call that waits for its result; with one worker (or none free within a minute) fn runs in
-    this process when that call is made. For a step off the critical path, e.g. a plot."""
+    a call that waits for its result; with one worker, executor ray (the cluster runs the units),
+    or no pool worker free within a minute, fn runs in this process when that call is made. For a step off the critical path, e.g. a plot."""
     workers = max(1, int(getattr(out, "workers", 1)))
-    if workers > 1:
+    if workers > 1 and getattr(out, "executor", "local") == "local":
         pool = worker_pool(workers - 1)
         free = _free
         if free.acquire(timeout=60):
@@ -147,7 +150,10 @@ def run_units(out, phase: str, units: list[Unit], fn: Callable[[dict], dict], de
     errors: list[tuple[str, BaseException]] = []
     try:
         workers = min(max(1, int(getattr(out, "workers", 1))), len(pending))
-        if workers <= 1:
+        if pending and getattr(out, "executor", "local") == "ray":
+            from tasks.corpus.ray_units import run_on_ray  # Ray is imported only when asked for
+            run_on_ray(out.ray_address, pending, fn, finish, errors, bar)
+        elif workers <= 1:
             for unit in pending:
                 finish(unit, fn(unit.args))
                 bar.update(1)

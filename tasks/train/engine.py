@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import math
 import os
@@ -189,6 +188,10 @@ class StopFlag:
     watch covers a stage process that crashed or was killed: the child saves
     and exits instead of training on as an orphan (SLM_PARENT_PID, and the
     direct parent, e.g. torchrun's agent), checked 5 times a second.
+    close() stops and joins the watch thread: left running, it would drop its reference
+    to this flag (and so to the process group) on its own after the main thread had begun
+    interpreter shutdown; destroying a process group there aborts the process ("terminate
+    called without an active exception").
     """
 
     def __init__(self, d: Dist):
@@ -202,22 +205,25 @@ class StopFlag:
         if os.environ.get("SLM_PARENT_PID"):
             watched.add(int(os.environ["SLM_PARENT_PID"]))
         self._watched = watched
-        threading.Thread(target=self._watch, daemon=True, name="parent-watch").start()
+        self._closed = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name="parent-watch")
+        self._watcher.start()
 
     def close(self) -> None:
-        """Give the signals back to whoever had them (train() called in-process), stop watching."""
+        """Give the signals back to whoever had them (train() called in-process), stop watching
+        and wait for the watch thread to end (see the class docstring)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-        self._closed = True
+        self._closed.set()
+        self._watcher.join()
 
     def _on_signal(self, signum, frame) -> None:
         self.reason = signal.Signals(signum).name
 
     def _watch(self) -> None:
         parent = os.getppid()
-        while self.reason is None and not getattr(self, "_closed", False):
-            time.sleep(0.2)
+        while self.reason is None and not self._closed.wait(0.2):
             gone = os.getppid() != parent
             for pid in self._watched:
                 try:
@@ -787,10 +793,6 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(args.config).read_text(encoding="utf-8"))
     result = run_from_config(spec)
     if dist.is_initialized():
-        # Free the DDP wrapper (held in reference cycles) and with it its reducer's hold on the process
-        # group now, not at interpreter exit: a CPU DDP rank rarely (about 1 run in 50) aborted at exit with
-        # "terminate called without an active exception"; this ordering is the suspected cure, unproven.
-        gc.collect()
         dist.destroy_process_group()
     if result["stopped"]:
         print(f"stopped ({result['stopped']}) at step {result['step']}; checkpoint {result['checkpoint']}", file=sys.stderr)

@@ -23,10 +23,10 @@ from tasks.train.preference import mismatched_pairs
 from tasks.train.stage import held_out, load_tokenizer
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import IGNORE
-from tasks.train.engine import TrainConfig, read_metrics, train
+from tasks.train.engine import TrainConfig, train
 from tasks.train.objectives import DPO, SFT, dpo_losses
 from tests.chat_support import chatterbot_conversations, make_model_dir, make_tokenizer_dir
-from tests.test_train_cuda import needs_cuda
+from tests.test_train_cuda import assert_compiled_runs_evaluate_and_resume, needs_cuda
 from tests.test_train_resume import assert_kill_9_then_resume_is_identical
 
 SEQ = 64
@@ -141,10 +141,5 @@ def test_kill_9_then_resume_reproduces_dpo_exactly(setup, tmp_path):
 
 @needs_cuda
 def test_dpo_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup, tmp_path):
-    """Compiled on the GPU, with held-out pairs evaluated every 4 steps and at the end (ckpt_every 0:
-    the evaluation steps are the checkpoints)."""
-    runs = [dpo_run(setup, tmp_path, name, eval_every=4, ckpt_every=0) for name in ("straight", "killed")]
-    assert_kill_9_then_resume_is_identical(*runs, exact=False, timeout=300)
-    for out in runs:
-        evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
-        assert {4, 16} <= {r["step"] for r in evals} and all(0 < r["val_loss"] < 5 for r in evals)
+    """Compiled on the GPU, held-out pairs evaluated every 4 steps and at the end, kill -9 and resume."""
+    assert_compiled_runs_evaluate_and_resume(lambda n, **train: dpo_run(setup, tmp_path, n, **train), 16, 5)

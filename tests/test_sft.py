@@ -14,10 +14,10 @@ from tasks.train.finetune import prepare
 from tasks.train.stage import load_tokenizer
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import IGNORE
-from tasks.train.engine import TrainConfig, read_metrics, train
+from tasks.train.engine import TrainConfig, train
 from tasks.train.objectives import SFT
 from tests.chat_support import chatterbot_conversations, make_model_dir, make_tokenizer_dir
-from tests.test_train_cuda import needs_cuda
+from tests.test_train_cuda import assert_compiled_runs_evaluate_and_resume, needs_cuda
 from tests.test_train_resume import assert_kill_9_then_resume_is_identical
 
 SEQ = 64
@@ -114,13 +114,8 @@ def test_kill_9_then_resume_reproduces_sft_exactly(setup, tmp_path):
 
 @needs_cuda
 def test_sft_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup, tmp_path):
-    """Compiled on the GPU, with held-out chats evaluated every 4 steps and at the end (ckpt_every 0:
-    the evaluation steps are the checkpoints)."""
-    runs = [sft_run(setup, tmp_path, name, eval_every=4, ckpt_every=0) for name in ("straight", "killed")]
-    assert_kill_9_then_resume_is_identical(*runs, exact=False, timeout=300)
-    for out in runs:
-        evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
-        assert {4, 16} <= {r["step"] for r in evals} and all(0 < r["val_loss"] < 20 for r in evals)
+    """Compiled on the GPU, held-out chats evaluated every 4 steps and at the end, kill -9 and resume."""
+    assert_compiled_runs_evaluate_and_resume(lambda n, **train: sft_run(setup, tmp_path, n, **train), 16, 20)
 
 
 def test_lora_trains_adapters_only_and_merges_to_the_same_hf_format(setup, tmp_path):

@@ -58,22 +58,26 @@ def test_compiled_evaluation_matches_eager(tmp_path, shards):  # noqa: F811
 def write_run(out: Path, shards, **train) -> Path:  # noqa: F811
     out.mkdir()
     spec = {"train": dict(out_dir=str(out), steps=12, seq_len=SEQ, micro_batch=8, global_batch=16, lr=1e-3,
-                          warmup_steps=2, log_every=1, eval_every=4, ckpt_every=0, keep_last=3, **train),
+                          warmup_steps=2, log_every=1, keep_last=3, **train),
             "model": {"config": SHAPE},
             "data": {"train": shards["train"], "validation": shards["validation"], "eos_id": 1, "eval_tokens": 20_000}}
     (out / "run.json").write_text(json.dumps(spec))
     return out
 
 
-def test_pretraining_with_validation_evaluates_and_resumes_after_kill_9(tmp_path, shards):  # noqa: F811
-    """Compiled training with eval_every and a final evaluation: every evaluation step is a checkpoint
-    step, the run ends with rc 0 and an eval record per evaluation; killed with SIGKILL after two
-    checkpoints and started again, it ends where an uninterrupted run ends."""
-    straight, killed = write_run(tmp_path / "straight", shards), write_run(tmp_path / "killed", shards)
-    assert assert_kill_9_then_resume_is_identical(straight, killed, exact=False, timeout=300) == 8
-    for out in (straight, killed):
+def assert_compiled_runs_evaluate_and_resume(make_run, steps: int, max_loss: float) -> None:
+    """Two identical compiled runs with eval_every 4 and ckpt_every 0 (`make_run(name, **train)` -> run
+    dir): one straight, one killed with SIGKILL after two checkpoints and started again. Both end
+    where the other ends, with an eval record at step 4 and at the end, each after its checkpoint."""
+    runs = [make_run(name, eval_every=4, ckpt_every=0) for name in ("straight", "killed")]
+    assert assert_kill_9_then_resume_is_identical(*runs, exact=False, timeout=300) == 8
+    for out in runs:
         records = read_metrics(out / "metrics.jsonl")
         evals = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
-        assert {4, 12} <= set(evals) and all(0 < v < 10 for v in evals.values())
-        saved = {r["step"] for r in records if r["kind"] == "checkpoint"}
-        assert set(evals) <= saved  # the checkpoint came first
+        assert {4, steps} <= set(evals) and all(0 < v < max_loss for v in evals.values())
+        assert set(evals) <= {r["step"] for r in records if r["kind"] == "checkpoint"}  # the checkpoint came first
+
+
+def test_pretraining_with_validation_evaluates_and_resumes_after_kill_9(tmp_path, shards):  # noqa: F811
+    """Compiled training with eval_every and a final evaluation, killed with SIGKILL and resumed."""
+    assert_compiled_runs_evaluate_and_resume(lambda name, **train: write_run(tmp_path / name, shards, **train), 12, 10)

@@ -32,7 +32,7 @@ def interval_means(tracker, run_id: str | None, name: str) -> float | None:
 
 def report(profile) -> str:
     store, tracker, keys = open_store(profile), open_tracker(profile), compute_keys(profile)
-    lines = [f"| stage | wall (s) | tokens/s | MFU | what it made |", "|---|---|---|---|---|"]
+    lines = ["| stage | wall (s) | tokens/s | MFU | what it made |", "|---|---|---|---|---|"]
     total, eval_report = 0.0, None
     for name in all_stages():
         manifest = store.load_manifest(name, keys[name])

@@ -8,7 +8,6 @@ characters, the script the model was fine-tuned on (a user who wants replies in 
 tasks/dpo.py) is tested for its invariants; judging relevance is beyond a 2-layer model."""
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -27,7 +26,7 @@ from tasks.train.engine import TrainConfig, train
 from tasks.train.objectives import DPO, SFT, dpo_losses
 from tests.chat_support import chatterbot_conversations, make_model_dir, make_tokenizer_dir
 from tests.test_train_cuda import assert_compiled_runs_evaluate_and_resume, needs_cuda
-from tests.test_train_resume import assert_kill_9_then_resume_is_identical
+from tests.test_train_resume import assert_kill_9_then_resume_is_identical, write_job
 
 SEQ = 64
 BETA = 0.1
@@ -122,16 +121,9 @@ def dpo_run(setup, tmp_path, name: str, **train):
     for split in ("train", "val"):
         if not (tmp_path / f"{split}.npz").exists():
             np.savez(tmp_path / f"{split}.npz", **setup[split])
-    out = tmp_path / name
-    out.mkdir()
-    spec = {"train": {**dict(out_dir=str(out), steps=16, seq_len=SEQ, micro_batch=4, global_batch=8, lr=1e-3,
-                            log_every=1, ckpt_every=4, keep_last=3), **train},
-            "model": {"init_from": str(setup["sft"])},
-            "data": {"builder": "pairs", "train": str(tmp_path / "train.npz"),
-                     "validation": str(tmp_path / "val.npz"), "seed": 1},
-            "objective": {"name": "dpo", "beta": BETA}}
-    (out / "run.json").write_text(json.dumps(spec))
-    return out
+    data = {"builder": "pairs", "train": str(tmp_path / "train.npz"), "validation": str(tmp_path / "val.npz"), "seed": 1}
+    return write_job(tmp_path / name, {"init_from": str(setup["sft"])}, data, {"name": "dpo", "beta": BETA},
+                     **{"lr": 1e-3, **train})
 
 
 def test_kill_9_then_resume_reproduces_dpo_exactly(setup, tmp_path):

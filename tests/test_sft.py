@@ -2,7 +2,6 @@
 likelihood rising with training, and exact resume after kill -9 (CPU, tiny model, real Q/A data)."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from tasks.train.engine import TrainConfig, train
 from tasks.train.objectives import SFT
 from tests.chat_support import chatterbot_conversations, make_model_dir, make_tokenizer_dir
 from tests.test_train_cuda import assert_compiled_runs_evaluate_and_resume, needs_cuda
-from tests.test_train_resume import assert_kill_9_then_resume_is_identical
+from tests.test_train_resume import assert_kill_9_then_resume_is_identical, write_job
 
 SEQ = 64
 
@@ -95,16 +94,9 @@ def sft_run(setup, tmp_path, name: str, **train):
     for split in ("train", "val"):
         if not (tmp_path / f"{split}.npz").exists():
             save_conversations(tmp_path / f"{split}.npz", setup[split])
-    out = tmp_path / name
-    out.mkdir()
-    spec = {"train": {**dict(out_dir=str(out), steps=16, seq_len=SEQ, micro_batch=4, global_batch=8, lr=3e-3,
-                            log_every=1, ckpt_every=4, keep_last=3), **train},
-            "model": {"init_from": str(setup["model"])},
-            "data": {"builder": "chats", "train": str(tmp_path / "train.npz"),
-                     "validation": str(tmp_path / "val.npz"), "pad_id": setup["tok"].pad_token_id, "seed": 1},
-            "objective": {"name": "sft"}}
-    (out / "run.json").write_text(json.dumps(spec))
-    return out
+    data = {"builder": "chats", "train": str(tmp_path / "train.npz"), "validation": str(tmp_path / "val.npz"),
+            "pad_id": setup["tok"].pad_token_id, "seed": 1}
+    return write_job(tmp_path / name, {"init_from": str(setup["model"])}, data, {"name": "sft"}, **{"lr": 3e-3, **train})
 
 
 def test_kill_9_then_resume_reproduces_sft_exactly(setup, tmp_path):

@@ -56,6 +56,17 @@ def write_config(tmp_path, shards, name, steps=30, **train) -> Path:
     return path
 
 
+def write_job(out: Path, model: dict, data: dict, objective: dict, **train) -> Path:
+    """A run dir holding an engine job (run.json) for the fine-tuning tests: 16 steps of 8 rows of 64
+    tokens, a checkpoint every 4, `train` overriding any of it."""
+    out.mkdir()
+    defaults = dict(out_dir=str(out), steps=16, seq_len=64, micro_batch=4, global_batch=8, log_every=1,
+                    ckpt_every=4, keep_last=3)
+    spec = {"train": {**defaults, **train}, "model": model, "data": data, "objective": objective}
+    (out / "run.json").write_text(json.dumps(spec))
+    return out
+
+
 def engine(config: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tasks.train.engine", "--config", str(config)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)

@@ -473,9 +473,9 @@ def train(
         data.attach_model(base)
     compile = cfg.compile if cfg.compile is not None else cuda
     # COMPILE_OPTIONS: what the model's document-masked flex attention needs (see model/transformer.py)
-    # dynamic=False: a run's shapes are fixed (rows of seq_len, micro_batch rows, the last evaluation batch
-    # padded), and flex attention's pinned kernels need a static sequence length; a shape this process saw
-    # in an earlier train() call compiles anew instead of turning the length symbolic.
+    # dynamic=False: training shapes are fixed (micro_batch rows of seq_len) and flex attention's pinned kernels
+    # need a static sequence length; a new shape (a short last evaluation batch of chats or pairs, a shape this
+    # process compiled in an earlier train() call) compiles anew instead of turning the length symbolic.
     loss_fn = torch.compile(objective.loss, dynamic=False, options=COMPILE_OPTIONS) if compile else objective.loss
     # Compiled, evaluation runs the loss with autograd on; nothing calls backward, and what the forward keeps
     # for it is freed with each output, so memory stays one training forward's. Not no_grad: with torch 2.11

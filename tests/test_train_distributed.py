@@ -3,6 +3,7 @@ checkpoints resume across parallel modes and process counts."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def run(shards: Path, out: Path, steps: int, nproc: int, parallel: str = "ddp") 
                  "eos_id": 1, "eval_tokens": 2000},
     }
     (out / "run.json").write_text(json.dumps(spec))
-    done = subprocess.run(engine_command(out / "run.json", nproc), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPUs, also on a GPU box
+    done = subprocess.run(engine_command(out / "run.json", nproc), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=cpu_only)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -89,14 +89,16 @@ def test_sft_raises_heldout_likelihood(setup, tmp_path):
     assert abs(result["val"]["val_loss"] - after) < 1e-3  # the engine's eval is the same measure
 
 
-def sft_run(setup, tmp_path, name: str, **train):
-    """A run dir with the engine job of an SFT run (run.json) on the setup's conversations."""
+def sft_run(setup, tmp_path, name: str, objective: dict | None = None, **train):
+    """A run dir with the engine job of an SFT run (run.json) on the setup's conversations (or of
+    another objective on them: distillation)."""
     for split in ("train", "val"):
         if not (tmp_path / f"{split}.npz").exists():
             save_conversations(tmp_path / f"{split}.npz", setup[split])
     data = {"builder": "chats", "train": str(tmp_path / "train.npz"), "validation": str(tmp_path / "val.npz"),
             "pad_id": setup["tok"].pad_token_id, "seed": 1}
-    return write_job(tmp_path / name, {"init_from": str(setup["model"])}, data, {"name": "sft"}, **{"lr": 3e-3, **train})
+    return write_job(tmp_path / name, {"init_from": str(setup["model"])}, data, objective or {"name": "sft"},
+                     **{"lr": 3e-3, **train})
 
 
 def test_kill_9_then_resume_reproduces_sft_exactly(setup, tmp_path):
@@ -108,6 +110,13 @@ def test_kill_9_then_resume_reproduces_sft_exactly(setup, tmp_path):
 def test_sft_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup, tmp_path):
     """Compiled on the GPU, held-out chats evaluated every 4 steps and at the end, kill -9 and resume."""
     assert_compiled_runs_evaluate_and_resume(lambda n, **train: sft_run(setup, tmp_path, n, **train), 16, 20)
+
+
+@needs_cuda
+def test_distill_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup, tmp_path):
+    """White-box distillation (a frozen teacher inside the objective, here the student's own start) the same way."""
+    distill = {"name": "distill", "teacher": str(setup["model"]), "temperature": 2.0, "alpha": 0.5}
+    assert_compiled_runs_evaluate_and_resume(lambda n, **train: sft_run(setup, tmp_path, n, distill, **train), 16, 20)
 
 
 def test_lora_trains_adapters_only_and_merges_to_the_same_hf_format(setup, tmp_path):

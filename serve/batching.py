@@ -259,6 +259,15 @@ class Scheduler:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 logits = decode_rows(*args)
+            # a replay must give what the eager step gives on the same input, else no graphs at all
+            self.positions.zero_()
+            graph.replay()
+            replayed = logits.float()
+            self.positions.zero_()
+            eager = decode_rows(*args).float()
+            if not torch.allclose(replayed, eager, rtol=1e-2, atol=1e-2):
+                raise RuntimeError(f"the graph for {n} rows disagrees with the eager step "
+                                   f"(max difference {float((replayed - eager).abs().max()):.3g})")
             self._graphs[n] = (graph, logits)
         self.positions.zero_()
 

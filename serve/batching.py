@@ -69,7 +69,7 @@ from model.generate import (
 
 
 class Overloaded(Exception):
-    """max_queue jobs are already waiting for a row."""
+    """max_batch jobs are generating and max_queue more are waiting for a row."""
 
 
 @dataclass

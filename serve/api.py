@@ -32,8 +32,9 @@ Execution: continuous batching (serve/batching.py): one scheduler thread owns th
 up to max_batch requests together, one batched forward per token; a request joins at the next step
 and leaves when done. Beyond max_batch generating and max_queue waiting, requests get 503. A client
 that disconnects mid-stream cancels its generation at the next token, freeing its row.
-GET /metrics: the scheduler's counters (requests, tokens, steps, largest batch) in Prometheus' format. Security: binds 127.0.0.1 unless told otherwise (the CLI warns), weights load through
-safetensors only, request bodies and max_tokens are capped, the page is served with a strict CSP.
+GET /metrics: the scheduler's counters (requests, tokens, steps, largest batch) in Prometheus' format.
+Security: binds 127.0.0.1 unless told otherwise (the CLI warns), weights load through safetensors
+only, request bodies and max_tokens are capped, the page is served with a strict CSP.
 """
 
 from __future__ import annotations

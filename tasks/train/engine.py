@@ -46,7 +46,7 @@ uninterrupted one.
 
 Imports: FSDP's modules (torch.distributed.fsdp, torch.distributed.checkpoint) are imported where an
 FSDP run uses them: they add over a second to every start of this module (the stage processes import
-it for TrainConfig and inference_autocast), and only FSDP runs need them.
+it for TrainConfig), and only FSDP runs need them.
 """
 from __future__ import annotations
 
@@ -380,12 +380,6 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def inference_autocast(device: torch.device):
-    """What a stage process's own scoring (held-out losses, reference log-probs) runs under: bf16 autocast
-    on CUDA, as the engine trains there (precision auto), fp32 on a CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:

@@ -20,7 +20,9 @@ from model import ModelConfig, Transformer
 from tasks.shard_reader import ShardReader
 from tasks.train.data import PackedBatches, ValidationRows
 from tasks.train import checkpoint as ckpt
-from tasks.train.engine import autocast_context, read_metrics, to_device, train, TrainConfig
+from tasks.train.data import to_device
+from tasks.train.engine import autocast_context, train, TrainConfig
+from tasks.train.metrics import read_metrics
 from tasks.train.objectives import CausalLM
 from tests.test_train_resume import assert_kill_9_then_resume_is_identical, shards  # noqa: F401 (a fixture)
 

@@ -15,7 +15,7 @@ reads a JSON file (see `run_from_config`) and is what tasks/train/launch.py star
 
 A step: the data plug-in packs the whole global batch (`global_batch` rows) on
 every rank; rank r takes its own `micro_batch` rows for each of the
-`grad_accum` micro-steps (split_rows), so the data order, the cursor and the
+`grad_accum` micro-steps (data.split_rows), so the data order, the cursor and the
 loss do not depend on the number of processes. The objective returns the
 SUM of its per-term losses; the engine divides by the global term count of
 the step (known on the host, no sync), so the step loss is the mean over the
@@ -43,6 +43,11 @@ Resume: if `out_dir/checkpoints` holds a checkpoint, `train` continues from the
 newest one: weights, optimizer, schedule step, data cursor, RNG states.
 On CPU with deterministic=True the continued run is bitwise identical to an
 uninterrupted one.
+
+The parts, each on one screen: `train` sets up the processes, the model, the optimizer and the resume,
+then hands them to a `Trainer` (the step loop), which uses a `MetricsInterval` (the train records,
+tasks/train/metrics.py), a `Checkpointer` (when to save, what a checkpoint holds, the resume) and an
+`Evaluator` (validation loss and eval records, tasks/train/evaluator.py).
 
 Imports: FSDP's modules (torch.distributed.fsdp, torch.distributed.checkpoint) are imported where an
 FSDP run uses them: they add over a second to every start of this module (the stage processes import

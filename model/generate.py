@@ -54,6 +54,7 @@ decodes every request of the server through decode_rows, with a cache of its own
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -66,6 +67,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .hf import load_hf_dir
+from .quantize import META, load_int8_dir
 from .transformer import Transformer
 
 # --------------------------------------------------------------------------- sampling parameters
@@ -501,6 +504,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def inference_autocast(device: torch.device):
+    """What a stage process's own scoring (held-out losses, reference log-probs, rewards) runs under: bf16
+    autocast on CUDA, as the training engine trains there (precision auto), fp32 on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class Engine:
     """Generation for one model (and its tokenizer, for the text methods).
 
@@ -568,9 +577,6 @@ class Engine:
         torch's int8 weight kernel, elsewhere they are dequantized per matmul). Weights are read with
         safetensors only (never pickle); a directory without weights fails with FileNotFoundError.
         A directory without tokenizer files gives an Engine for token ids only."""
-        from .hf import load_hf_dir
-        from .quantize import META, load_int8_dir
-
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: pass a directory written by model.save_hf_dir")

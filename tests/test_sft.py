@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tasks.chat_data import FitStats, encode_conversation, fit_length
-from tasks.train.chats import ChatValidation, PackedChats, heldout_loss, save_conversations
+from tasks.train.chats import ChatValidation, PackedChats, heldout_assistant_loss, save_conversations
 from tasks.train.finetune import prepare
 from tasks.train.stage import load_tokenizer
 from tasks.train import checkpoint as ckpt
@@ -77,13 +77,13 @@ def test_sft_raises_heldout_likelihood(setup, tmp_path):
     from model import load_hf_dir
 
     pad = setup["tok"].pad_token_id
-    before = heldout_loss(setup["model"], setup["val"], SEQ, pad)
+    before = heldout_assistant_loss(setup["model"], setup["val"], SEQ, pad)
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=150, seq_len=SEQ, micro_batch=8, lr=5e-3, warmup_steps=5,
                       schedule="cosine", log_every=20, threads=1)
     result = train(cfg, lambda: load_hf_dir(setup["model"])[0], SFT(), PackedChats(setup["train"], SEQ, pad, 0),
                    ChatValidation(setup["val"], SEQ, pad))
     ckpt.export_hf(ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints"), setup["model"], tmp_path / "hf")
-    after = heldout_loss(tmp_path / "hf", setup["val"], SEQ, pad)
+    after = heldout_assistant_loss(tmp_path / "hf", setup["val"], SEQ, pad)
     print(f"held-out assistant NLL {before:.3f} -> {after:.3f} nats/token")
     assert after < before - 1.0
     assert abs(result["val"]["val_loss"] - after) < 1e-3  # the engine's eval is the same measure
@@ -153,7 +153,7 @@ def test_lora_trains_adapters_only_and_merges_to_the_same_hf_format(setup, tmp_p
     x = torch.from_numpy(setup["train"][0][0][None, :-1].astype(np.int64))
     with torch.no_grad():
         torch.testing.assert_close(merged(x), adapted(x), atol=1e-4, rtol=1e-4)
-    before = heldout_loss(base_dir, setup["val"], SEQ, pad)
-    after = heldout_loss(tmp_path / "hf", setup["val"], SEQ, pad)
+    before = heldout_assistant_loss(base_dir, setup["val"], SEQ, pad)
+    after = heldout_assistant_loss(tmp_path / "hf", setup["val"], SEQ, pad)
     print(f"LoRA held-out assistant NLL {before:.3f} -> {after:.3f}")
     assert after < before - 0.03  # a 64-wide model adapts little through rank-8 adapters; still a real drop

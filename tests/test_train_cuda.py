@@ -3,7 +3,7 @@ flex attention, validation files, periodic and final evaluation, resume after ki
 
 The CPU suite cannot see what broke here before: evaluation compiles a no-grad graph of its own next to
 the training graph, and on an H200 (torch 2.11) that graph's fused attention kernel crashed the process
-at the end of every run with validation files (tasks/train/engine.py, `eval_grad_mode`). SFT and DPO run
+at the end of every run with validation files (tasks/train/evaluator.py, `eval_grad_mode`). SFT and DPO run
 the same way in tests/test_sft.py and tests/test_dpo.py. On the GPU box:
 
     python -m pytest -q tests/test_train_cuda.py tests/test_sft.py tests/test_dpo.py -k cuda
@@ -23,7 +23,9 @@ from model import ModelConfig, Transformer
 from tasks.shard_reader import ShardReader
 from tasks.train.data import PackedBatches, ValidationRows
 from tasks.train import checkpoint as ckpt
-from tasks.train.engine import autocast_context, read_metrics, to_device, train, TrainConfig
+from tasks.train.data import to_device
+from tasks.train.engine import autocast_context, train, TrainConfig
+from tasks.train.metrics import read_metrics
 from tasks.train.objectives import CausalLM
 from tests.test_train_resume import assert_kill_9_then_resume_is_identical, shards  # noqa: F401 (a fixture)
 

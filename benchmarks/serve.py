@@ -119,7 +119,7 @@ class Server:
         self.log = open(log, "w")
         cmd = [sys.executable, "-m", "flows.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
                "--device", device, "--name", "bench", "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait(self, timeout: float = 300) -> None:

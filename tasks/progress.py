@@ -163,7 +163,10 @@ class Progress:
     def _publish_progress(self) -> None:
         pct = 100.0 * min(self.done, self.total) / max(self.total, 1)
         try:
-            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+            from prefect.artifacts import (
+                create_progress_artifact,
+                update_progress_artifact,
+            )
 
             if self.artifact_id is None:
                 self.artifact_id = create_progress_artifact(progress=pct, key=artifact_key(f"{self.name}-progress"),
@@ -179,15 +182,9 @@ class Progress:
         self._report(self.clock())
         self.bar.close()
 
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:

@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import numpy as np
 from storage.errors import SlmError
 from storage.manifest import sha256_of
 from tasks.corpus.positions import uniform
+
 
 class TrainStageError(SlmError):
     pass
@@ -300,9 +300,9 @@ def summary_markdown(stage: str, records: list[dict], resumed: str | None) -> tu
                      "tokens_per_s": round(rates[step]) if step in rates else None,
                      "val_loss": _round(e.get("val_loss")), "val_bpb": _round(e.get("val_bpb"))})
     lines = [f"# {stage}: training", "",
-             f"{'Resumed from ' + resumed + '. ' if resumed else ''}tokens/s: wall clock over each logged "
-             "interval (evaluations and checkpoints included), the mean leaving out each attempt's first "
-             "interval; MFU: the median of the logged intervals.", "",
+             (f"{'Resumed from ' + resumed + '. ' if resumed else ''}tokens/s: wall clock over each logged "
+              "interval (evaluations and checkpoints included), the mean leaving out each attempt's first "
+              "interval; MFU: the median of the logged intervals."), "",
              "| " + " | ".join(head) + " |", "|" + "---:|" * len(head), "| " + " | ".join(str(v) for v in head.values()) + " |",
              "", "| step | loss | lr | tokens/s | val loss | val bits/byte |", "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -324,9 +324,9 @@ def run_training(spec: dict, cfg, work: Path, out, error=TrainStageError, extra_
     (default cfg.nproc), log its metrics (and the objective's stats named in extra_metrics) to the
     stage's MLflow run. Returns (final checkpoint, metric records, resumed-from name); raises
     `error` when training was stopped (checkpoint saved, rerun resumes) or failed (its log's end)."""
+    from tasks.progress import publish_markdown, publish_table, say
     from tasks.train.checkpoint import checkpoint_step, latest_checkpoint
     from tasks.train.engine import EXIT_STOPPED, read_metrics
-    from tasks.progress import publish_markdown, publish_table, say
     from tasks.train.launch import run_engine
 
     nproc = cfg.nproc if nproc is None else nproc

@@ -32,6 +32,8 @@ _warned: set[str] = set()
 
 def in_run() -> bool:
     """True inside a Prefect flow or task run (where the run logger and artifacts work)."""
+    if "prefect.context" not in sys.modules:  # no run without Prefect loaded; a plain call need not load it
+        return False
     try:
         from prefect.context import FlowRunContext, TaskRunContext
     except ImportError:  # pragma: no cover - prefect is a dependency
@@ -104,11 +106,11 @@ class Progress:
         self.done = self.initial = initial
         self.log_every_s = log_every_s
         self.clock = clock
-        self.started = clock()
         self.logged_at: float | None = None
         self.logged_done: int | None = None
         self.artifact_id = None
         self.want_artifact = artifact and total is not None and in_run()
+        self.started = clock()
         self.bar = tqdm(total=total, initial=initial, desc=name, unit=unit, disable=None, dynamic_ncols=True,
                         leave=False, file=sys.stderr)
 

@@ -141,7 +141,7 @@ def test_flow_run_shows_engine_lines_and_artifacts(up, one_torch_thread):
         state = cockpit(return_state=True)
         assert state.is_completed(), state.message
         run_id = state.state_details.flow_run_id
-        APILogHandler.flush()
+        APILogHandler().flush()
         with get_client(sync_client=True) as client:
             tasks = {t.id: t.name for t in client.read_task_runs()}
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))

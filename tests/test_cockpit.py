@@ -165,3 +165,23 @@ def test_flow_run_shows_engine_lines_and_artifacts(up, one_torch_thread):
     assert {r["model"] for r in table} >= {"pretrain", "sft", "dpo"} and all(r["val_bpb"] > 0 for r in table)
     report = by_key["eval-report"]
     assert report.type == "markdown" and "data:image/png;base64," in report.data  # compare.png, inlined
+
+
+def test_closing_hints_name_the_ports_in_use(slm_home, monkeypatch):
+    import json
+
+    from flows.cli import _services, service_hints
+
+    monkeypatch.setenv("SLM_PREFECT_PORT", "4321")
+    monkeypatch.setenv("SLM_MLFLOW_PORT", "5432")
+    hints = service_hints()  # nothing running: what `make up` would start, on these ports
+    assert hints[-1] == "Prefect UI: `make up`, then http://127.0.0.1:4321"
+    assert "--port 5432" in hints[0] and "http://127.0.0.1:5432" in hints[0]
+    # `make up` running (its services.json, here naming this live process): the URLs it recorded
+    services = _services()
+    slm_home.mkdir(parents=True, exist_ok=True)
+    urls = {"prefect": "http://127.0.0.1:4999", "prefect_api": "http://127.0.0.1:4999/api",
+            "mlflow": "http://127.0.0.1:5999"}
+    me = {"name": "prefect-server", "pid": os.getpid(), "started": services.start_time(os.getpid())}
+    (slm_home / "services.json").write_text(json.dumps({"services": [me], "urls": urls}))
+    assert service_hints() == ["Prefect UI: http://127.0.0.1:4999", "MLflow UI:  http://127.0.0.1:5999"]

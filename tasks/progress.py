@@ -95,10 +95,11 @@ def publish_table(key: str, rows: list[dict], description: str | None = None) ->
 class Progress:
     """A long loop's progress on the terminal, in the run's log and as a Prefect progress artifact.
 
-    name: what runs (the bar's label and the log lines' start), total: how many units when known,
-    initial: units already done before this process started (a resumed run: its rate and ETA count
-    only the units done now). `line(done)` may be given to word the log line (default: "name:
-    done/total unit (pct), rate, ETA"). Memory: constant."""
+    name: what runs (the bar's label, the log lines' start, the artifact's key), total: how many
+    units when known (None: no percentage, ETA or artifact), initial: units done before this process
+    started (a resumed run): left out of the rate, so a resume never claims their speed. The log
+    line reads "name: done/total unit (pct), rate unit/s, ETA"; the rate is over this process's
+    time (the bar's own rate, tqdm's, is a moving average). Memory: constant."""
 
     def __init__(self, name: str, total: int | None, unit: str = "it", initial: int = 0,
                  log_every_s: float = 10.0, artifact: bool = True, clock=time.monotonic):

@@ -140,7 +140,7 @@ def run(cfg: PretrainConfig, inputs: dict, out) -> StageResult:
     evals = [r for r in records if r.get("kind") == "eval"]
     last_eval = evals[-1] if evals else {}
     tokens = train_recs[-1]["tokens"] if train_recs else 0
-    speed = mean_rate(records) or 0.0  # over each logged interval, never a resumed run's history / one interval
+    speed = mean_rate(records) or 0.0  # wall clock over each attempt's logged steps (tasks/progress.py)
     params = next((r["params"] for r in records if r.get("kind") == "start"), 0)
     bpb = f", val {last_eval['val_bpb']:.3f} bits/byte" if "val_bpb" in last_eval else ""
     return StageResult(

@@ -195,19 +195,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def _intervals(records: list[dict]):
-    """(attempt number, step, tokens/s) for each train record; see interval_rates."""
-    attempt, opened = 0, None  # opened: (time, step) of the record the next interval starts from
+def _attempts(records: list[dict]) -> list[tuple[tuple[float, int] | None, list[dict]]]:
+    """The records split into attempts: (the (time, step) of the start or resume record that opened
+    it, or None, its train records that have a time), in file order."""
+    attempts: list[tuple[tuple[float, int] | None, list[dict]]] = [(None, [])]
     for rec in records:
         kind = rec.get("kind")
         if kind in ("start", "resume") and "time" in rec:
-            attempt, opened = attempt + 1, (float(rec["time"]), int(rec.get("step", 0)))
+            attempts.append(((float(rec["time"]), int(rec.get("step", 0))), []))
         elif kind == "train" and "time" in rec and rec.get("step"):
-            step, now = int(rec["step"]), float(rec["time"])
-            per_step = float(rec["tokens"]) / step
-            if opened is not None and step > opened[1] and now > opened[0]:
-                yield attempt, step, (step - opened[1]) * per_step / (now - opened[0])
-            opened = (now, step)
+            attempts[-1][1].append(rec)
+    return [a for a in attempts if a[1]]
+
+
+def _rate(tokens: float, seconds: float) -> float | None:
+    return tokens / seconds if seconds > 0 and tokens > 0 else None
 
 
 def interval_rates(records: list[dict]) -> list[tuple[int, float]]:
@@ -217,15 +219,35 @@ def interval_rates(records: list[dict]) -> list[tuple[int, float]]:
     An attempt opens with a "start" or "resume" record: the first interval of an attempt runs from
     that record, so a resumed run never divides the tokens of the steps before the resume (or of its
     whole history) by the time of one interval. The time includes evaluations and checkpoints that
-    fall in the interval: the rate a person waiting for the run sees. Records in file order."""
-    return [(step, rate) for _, step, rate in _intervals(records)]
+    fall in the interval. Limit: the engine stamps a record when it writes it, which on a CPU is one
+    step after the step it describes, except at an evaluation or the end; an interval's figure can
+    be off by one step's time (with log_every 1, by far: use mean_rate for a run's speed)."""
+    rates: list[tuple[int, float]] = []
+    for opened, train in _attempts(records):
+        before = opened
+        for rec in train:
+            step, now = int(rec["step"]), float(rec["time"])
+            if before is not None and step > before[1]:
+                rate = _rate((step - before[1]) * float(rec["tokens"]) / step, now - before[0])
+                if rate is not None:
+                    rates.append((step, rate))
+            before = (now, step)
+    return rates
 
 
 def mean_rate(records: list[dict]) -> float | None:
-    """Mean tokens/s over a run's intervals, leaving out each attempt's first one (start-up, model
-    compilation) when the attempt has more; None when nothing was logged."""
-    attempts: dict[int, list[float]] = {}
-    for attempt, _, rate in _intervals(records):
-        attempts.setdefault(attempt, []).append(rate)
-    rates = [r for found in attempts.values() for r in (found[1:] if len(found) > 1 else found)]
-    return sum(rates) / len(rates) if rates else None
+    """A run's tokens/s: the tokens trained between the first and the last train record of each
+    attempt (start or resume) over the seconds between them, summed over the attempts. Start-up and
+    model compilation (before an attempt's first record) and the time between attempts are left out,
+    and the one-step error of a record's stamp (see interval_rates) is spread over the whole window.
+    An attempt with one train record counts from its start or resume record. None: nothing logged."""
+    tokens = seconds = 0.0
+    for opened, train in _attempts(records):
+        first, last = train[0], train[-1]
+        if len(train) == 1 and opened is not None:
+            first = {"time": opened[0], "step": opened[1], "tokens": opened[1] * float(last["tokens"]) / last["step"]}
+        elif len(train) == 1:
+            continue
+        tokens += float(last["tokens"]) - float(first["tokens"])
+        seconds += float(last["time"]) - float(first["time"])
+    return _rate(tokens, seconds)

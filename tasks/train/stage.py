@@ -224,7 +224,7 @@ class Watch:
             say(f"... {len(lines) - self.MAX_LINES} more lines in {self.log}")
 
     def _follow_metrics(self) -> None:
-        from tasks.progress import interval_rates
+        from tasks.progress import mean_rate
 
         chunk, self.metrics_offset = self._new_bytes(self.metrics, self.metrics_offset)
         lines = (self.metrics_partial + chunk).split(b"\n")
@@ -236,8 +236,8 @@ class Watch:
                 continue
         train = [r for r in self.records if r.get("kind") == "train"]
         if train:
-            rates = interval_rates(self.records)
-            speed = f", {rates[-1][1]:,.0f} tok/s" if rates and rates[-1][0] == train[-1]["step"] else ""
+            rate = mean_rate(self.records)  # this attempt's records only: the watch starts at the file's end
+            speed = f", {rate:,.0f} tok/s" if rate else ""
             self.progress.set(int(train[-1]["step"]), postfix=f"loss {train[-1]['loss']:.4f}{speed}")
 
     def __call__(self, final: bool = False) -> None:
@@ -270,8 +270,8 @@ class Watch:
 def summary_markdown(stage: str, records: list[dict], resumed: str | None) -> tuple[str, list[dict]]:
     """The training summary of a finished run (from engine.read_metrics' records): a markdown page
     (steps, tokens, tokens/s, MFU, final loss and validation loss / bits per byte, the loss at each
-    logged step) and the rows of its loss table. tokens/s: the mean over the logged intervals
-    (tasks/progress.mean_rate); MFU: the median of the engine's logged values (none on a CPU)."""
+    logged step) and the rows of its loss table. tokens/s: tasks/progress.mean_rate (per row:
+    interval_rates); MFU: the median of the engine's logged values (none on a CPU)."""
     from tasks.progress import interval_rates, mean_rate
 
     train = [r for r in records if r.get("kind") == "train"]
@@ -300,9 +300,9 @@ def summary_markdown(stage: str, records: list[dict], resumed: str | None) -> tu
                      "tokens_per_s": round(rates[step]) if step in rates else None,
                      "val_loss": _round(e.get("val_loss")), "val_bpb": _round(e.get("val_bpb"))})
     lines = [f"# {stage}: training", "",
-             (f"{'Resumed from ' + resumed + '. ' if resumed else ''}tokens/s: wall clock over each logged "
-              "interval (evaluations and checkpoints included), the mean leaving out each attempt's first "
-              "interval; MFU: the median of the logged intervals."), "",
+             (f"{'Resumed from ' + resumed + '. ' if resumed else ''}tokens/s: wall clock from the first to "
+              "the last logged step of each attempt (evaluations and checkpoints included; in the table, over "
+              "each logged interval); MFU: the median of the engine's logged intervals."), "",
              "| " + " | ".join(head) + " |", "|" + "---:|" * len(head), "| " + " | ".join(str(v) for v in head.values()) + " |",
              "", "| step | loss | lr | tokens/s | val loss | val bits/byte |", "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

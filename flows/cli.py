@@ -75,29 +75,68 @@ def print_table(rows: list[dict]) -> None:
 
 
 def cmd_run(args) -> int:
-    from profiles.loader import load_profile
+    from flows.pipeline import hide_secret_overrides, preload_profile
     from tasks.registry import select
 
-    profile = load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
+    preload_profile(args.profile, args.overrides)  # fail fast, before Prefect starts; the flow takes it
     select(until=args.until, only=args.only)
     from flows.full_pipeline import slm
-    from flows.pipeline import hide_secret_overrides
 
     made = slm(profile=args.profile, overrides=hide_secret_overrides(args.overrides), until=args.until, only=args.only)
     print()
-    print_table(stage_table(profile))
+    print_table([{"stage": stage, **row} for stage, row in made.items()])
+    print("\nartifacts:")
+    for stage, row in made.items():
+        print(f"  {stage}: {row['uri']}")
+    if "export" in made and "://" not in made["export"]["uri"]:
+        print(f"chat:       .venv/bin/slm chat --model {made['export']['uri']}/hf   "
+              f"(or `slm serve --model ...` for the API and web page)")
+    for line in service_hints():
+        print(line)
+    return 0
+
+
+def _services():
+    """scripts/services.py of this checkout (it knows the ports `make up` uses), or None where the
+    package runs without its checkout."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "services.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("slm_services", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def service_hints() -> list[str]:
+    """Where to look at the run: the URLs of the Prefect and MLflow servers `make up` started (their
+    real ports, from services.json) when they run; otherwise the commands and the ports `make up`
+    would use (SLM_PREFECT_PORT, SLM_MLFLOW_PORT)."""
     from storage.home import project_home
 
-    print("\nartifacts:")
-    for stage, uri in made.items():
-        print(f"  {stage}: {uri}")
-    if "export" in made and "://" not in made["export"]:
-        print(f"chat:       .venv/bin/slm chat --model {made['export']}/hf   "
-              f"(or `slm serve --model ...` for the API and web page)")
-    print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{project_home() / 'mlflow.db'} "
-          "--host 127.0.0.1   (or `make up`, then http://127.0.0.1:5000)")
-    print("Prefect UI: `make up`, then http://127.0.0.1:4200")
-    return 0
+    services = _services()
+    running, prefect_url, mlflow_port = None, "http://127.0.0.1:4200", 5000
+    if services is not None:
+        try:
+            settings = services.Settings.from_env()
+            running = services.running_urls(settings)
+            prefect_url, mlflow_port = settings.prefect_url, settings.mlflow_port
+        except services.ServiceError as err:
+            return [f"services: {err}"]
+    if running:
+        return [f"Prefect UI: {running['prefect']}", f"MLflow UI:  {running['mlflow']}"]
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url  # a server this run talked to (not one `make up` started)
+    prefect_hint = f"Prefect UI: {api.removesuffix('/').removesuffix('/api')}" if api else \
+        f"Prefect UI: `make up`, then {prefect_url}"
+    return [f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{project_home() / 'mlflow.db'} "
+            f"--host 127.0.0.1 --port {mlflow_port}   (or `make up`, then http://127.0.0.1:{mlflow_port})",
+            prefect_hint]
 
 
 def cmd_stages(args) -> int:

@@ -9,5 +9,5 @@ from flows.pipeline import run_pipeline
 
 @flow(name="slm-data", log_prints=True)
 def slm_data(profile: str = "demo", overrides: list[str] | None = None, until: str | None = None,
-             only: str | None = None) -> dict[str, str]:
+             only: str | None = None) -> dict[str, dict]:
     return run_pipeline("slm-data", profile, overrides, until=until, only=only, group="data")

@@ -22,7 +22,7 @@ def stop_training(flow, flow_run, state) -> None:
 
 @flow(name="slm", log_prints=True, on_cancellation=[stop_training], on_crashed=[stop_training])
 def slm(profile: str = "demo", overrides: list[str] | None = None, until: str | None = None,
-        only: str | None = None) -> dict[str, str]:
+        only: str | None = None) -> dict[str, dict]:
     return run_pipeline("slm", profile, overrides, until=until, only=only)
 
 

@@ -16,9 +16,11 @@ errors leave the flow with their secrets masked.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import re
 
 from prefect import task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
@@ -30,8 +32,9 @@ from storage.home import project_home
 from storage.keys import short
 from storage.manifest import Manifest
 from storage.redact import install_log_redaction, redact_text, scrubbed
+from tasks.progress import publish_markdown
 from tasks.registry import all_stages, select
-from tasks.runner import compute_keys, open_store, open_tracker, reusable, run_stage, upstream_manifests
+from tasks.runner import compute_keys, open_store, open_tracker, report, reusable, run_stage, upstream_manifests
 
 
 @task(persist_result=True)
@@ -40,7 +43,37 @@ def stage_task(stage_name: str, profile: ProfileBase, inputs: dict[str, Manifest
     # The profile object itself, not model_dump(): a dump drops the runtime knobs (fields with
     # exclude=True, kept out of stage keys), so micro_batch, nproc, log_every... would be lost.
     stage = all_stages()[stage_name]
-    return run_stage(stage, profile, inputs, open_store(profile), open_tracker(profile), parent_run_id, repaired)
+    store = open_store(profile)
+    manifest = run_stage(stage, profile, inputs, store, open_tracker(profile), parent_run_id, repaired)
+    try:
+        publish_report(manifest, store)
+    except (OSError, UnicodeDecodeError, SlmError) as err:  # the UI's copy of the report; the stage is done
+        report(f"{stage_name}: report.md not shown in the Prefect UI: {err}")
+    return manifest
+
+
+PICTURE_LIMIT = 2 << 20  # bytes: a larger PNG stays a link in the report artifact
+
+
+def publish_report(manifest: Manifest, store) -> None:
+    """The stage's report.md (if its artifact has one: the corpus stages' data report, tokenizer,
+    eval, export) as a markdown artifact of the task run, key `<stage>-report`; the PNG pictures it
+    shows (files of the same artifact, up to PICTURE_LIMIT) inlined as data URLs, as the UI cannot
+    reach the artifact store."""
+    files = {entry.path: entry.size for entry in manifest.files}
+    if "report.md" not in files:
+        return
+    text = store.local_path(manifest, "report.md").read_text(encoding="utf-8")
+
+    def inline(match: re.Match) -> str:
+        alt, rel = match.group(1), match.group(2)
+        if not rel.endswith(".png") or files.get(rel, PICTURE_LIMIT + 1) > PICTURE_LIMIT:
+            return match.group(0)
+        data = base64.b64encode(store.local_path(manifest, rel).read_bytes()).decode("ascii")
+        return f"![{alt}](data:image/png;base64,{data})"
+
+    text = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", inline, text)
+    publish_markdown(f"{manifest.stage}-report", text, redact_text(manifest.summary or manifest.stage))
 
 
 SECRET_OVERRIDES = "SLM_SECRET_OVERRIDES"  # JSON list of overrides that hold secrets (set by `slm run`)
@@ -79,6 +112,18 @@ def result_storage(profile: ProfileBase):
     return block
 
 
+_PRELOADED: dict[tuple, ProfileBase] = {}
+
+
+def preload_profile(profile_ref: str, overrides: list[str] | None) -> ProfileBase:
+    """Load and check a profile before its flow starts (`slm run` fails fast, before Prefect starts,
+    on a bad profile); the flow run in this process then takes this one instead of reading it again.
+    A deployment's flow run (another process) loads it itself."""
+    profile = load_profile(profile_ref, overrides)
+    _PRELOADED[(profile_ref, tuple(overrides or []))] = profile
+    return profile
+
+
 def run_pipeline(
     flow_name: str,
     profile_ref: str,
@@ -86,8 +131,10 @@ def run_pipeline(
     until: str | None = None,
     only: str | None = None,
     group: str | None = None,
-) -> dict[str, str]:
-    """Run the selected stages; returns {stage: artifact URI}."""
+) -> dict[str, dict]:
+    """Run the selected stages; returns, per stage in DAG order, what `slm run`'s closing table shows:
+    {stage: {"key": short key, "uri": artifact URI, "state": "made" | "cached", "size": bytes,
+    "records": records out (or files)}}."""
     install_log_redaction()
     try:
         return _run_pipeline(flow_name, profile_ref, restore_secret_overrides(overrides), until, only, group)
@@ -98,10 +145,10 @@ def run_pipeline(
         raise
 
 
-def _run_pipeline(flow_name, profile_ref, overrides, until, only, group) -> dict[str, str]:
+def _run_pipeline(flow_name, profile_ref, overrides, until, only, group) -> dict[str, dict]:
     from prefect.runtime import flow_run
 
-    profile = load_profile(profile_ref, overrides)
+    profile = _PRELOADED.pop((profile_ref, tuple(overrides or [])), None) or load_profile(profile_ref, overrides)
     stages = select(until=until, only=only, group=group)
     store = open_store(profile)
     store.check_writable()
@@ -110,6 +157,7 @@ def _run_pipeline(flow_name, profile_ref, overrides, until, only, group) -> dict
     tracker = open_tracker(profile)
     parent = tracker.pipeline_run(flow_run.get_id(), profile.name, flow_name) if tracker else None
     manifests: dict[str, Manifest] = {}
+    made: set[str] = set()
     ok = False
     try:
         for stage in stages:
@@ -126,8 +174,13 @@ def _run_pipeline(flow_name, profile_ref, overrides, until, only, group) -> dict
             result = runner(stage.name, profile, inputs, parent, repaired)
             # Prefect's cached result is the manifest as it was; the store's verified one is the truth.
             manifests[stage.name] = committed if committed is not None else result
+            if committed is None:
+                made.add(stage.name)
         ok = True
     finally:
         if tracker and parent:
             tracker.finish(parent, ok)
-    return {name: redact_text(store.uri(name, m.key)) for name, m in manifests.items()}
+    return {name: {"key": short(m.key), "uri": redact_text(store.uri(name, m.key)),
+                   "state": "made" if name in made else "cached", "size": m.total_bytes,
+                   "records": m.counts.get("out", m.counts.get("files"))}
+            for name, m in manifests.items()}

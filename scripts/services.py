@@ -313,6 +313,15 @@ def _running(state: dict) -> list[dict]:
     return [s for s in state.get("services", []) if alive(s["pid"], s.get("started"))]
 
 
+def running_urls(settings: Settings) -> dict[str, str] | None:
+    """The URLs ("prefect", "prefect_api", "mlflow") of the services `up` started, while every one of
+    them still runs (for `slm run`'s closing hints); None otherwise."""
+    state = read_state(settings)
+    if not state or not state.get("services") or len(_running(state)) != len(state["services"]):
+        return None
+    return state.get("urls")
+
+
 # --- commands ------------------------------------------------------------------------------
 def up(settings: Settings) -> int:
     state = read_state(settings)

@@ -338,7 +338,7 @@ def read_progress(path: Path) -> dict[int, dict]:
 
 
 def run(cfg: DistillDataConfig, inputs: dict, out) -> StageResult:
-    from tqdm import tqdm
+    from tasks.progress import Progress, say
 
     from tasks.chat_data import reason_counts
     from tasks.train.teacher import read_chats, teacher_dir
@@ -369,9 +369,9 @@ def run(cfg: DistillDataConfig, inputs: dict, out) -> StageResult:
             answers = endpoint_answers(cfg, prompts, todo, key)
         else:
             answers = engine_answers(cfg, teacher, prompts, todo)
-        print(f"distill_data: {len(todo)} prompts to the teacher ({teacher_info['kind']}), "
-              f"{len(done)} answered before", flush=True)
-        with open(progress, "a", encoding="utf-8") as fh, tqdm(total=len(todo), desc="teacher", unit="prompt") as bar:
+        say(f"distill_data: {len(todo)} prompts to the teacher ({teacher_info['kind']}), {len(done)} answered before")
+        bar = Progress("distill_data: teacher", len(prompts), unit="prompt", initial=len(done))
+        with open(progress, "a", encoding="utf-8") as fh:
             for n, result in enumerate(answers, 1):
                 rec = result.record()
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -380,6 +380,7 @@ def run(cfg: DistillDataConfig, inputs: dict, out) -> StageResult:
                 bar.update()
                 if n % 32 == 0:
                     out.save_progress(progress.relative_to(out.path).as_posix())
+        bar.close()
     seconds = time.perf_counter() - clock
 
     answered = [i for i in range(len(prompts)) if "content" in results[i]]

@@ -56,6 +56,7 @@ from pydantic import Field
 
 from profiles.schema import Strict
 from storage.errors import SlmError
+from tasks.progress import publish_table
 from tasks.registry import Stage, StageResult
 
 STAGE_VERSION = 1
@@ -556,6 +557,11 @@ def finish(out_dir: Path, cfg: EvalConfig, benches: list[Benchmark], results: li
     if out is not None:
         for r in results:
             out.log_metrics(metrics_of(r))
+        publish_table("eval", [{"model": r["model"], "params": r["params"],
+                                **{k: r.get(k) for k in ("val_loss", "val_bpb", "val_ppl")},
+                                **{f"{b} {k}-shot acc": s["acc"] for b, by_k in r["benchmarks"].items()
+                                   for k, s in by_k.items()}} for r in results],
+                      "every model on the same held-out text and benchmarks (tasks/eval.py)")
         for rel in ["report.md", "results.json", "generations.jsonl", *plots]:
             out.log_artifact(rel)
     last = results[-1]

@@ -33,6 +33,7 @@ from typing import Literal
 from pydantic import Field
 
 from storage.errors import SlmError
+from tasks.progress import mean_rate
 from tasks.registry import Stage, StageResult
 from tasks.train.settings import EngineSettings, ModelShape
 from tasks.train.stage import copy_tokenizer, engine_spec, export, init_digest, keyed_config, run_training
@@ -139,7 +140,7 @@ def run(cfg: PretrainConfig, inputs: dict, out) -> StageResult:
     evals = [r for r in records if r.get("kind") == "eval"]
     last_eval = evals[-1] if evals else {}
     tokens = train_recs[-1]["tokens"] if train_recs else 0
-    speed = sum(r["tokens_per_s"] for r in train_recs[-5:]) / max(1, len(train_recs[-5:]))
+    speed = mean_rate(records) or 0.0  # wall clock over each attempt's logged steps (tasks/progress.py)
     params = next((r["params"] for r in records if r.get("kind") == "start"), 0)
     bpb = f", val {last_eval['val_bpb']:.3f} bits/byte" if "val_bpb" in last_eval else ""
     return StageResult(

@@ -54,11 +54,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
-from tqdm import tqdm
 
 from profiles.schema import Strict
 from storage.errors import SlmError
 from tasks.corpus.documents import iter_batches
+from tasks.progress import Progress
 from tasks.registry import Stage, StageResult
 from tasks.chat_data import EOS
 from tasks.corpus.documents import document_files
@@ -248,7 +248,7 @@ def pass_one(plan: Plan, cfg: ShardSettings, tok, eos: int, work: Path) -> dict:
     buckets.reset(state["sizes"] if state else None)
     done = state["files_done"] if state else 0
     counts = state["counts"] if state else {"docs": 0, "tokens": 0, "dropped": 0, "dropped_ids": []}
-    bar = tqdm(desc="shard: tokenize", unit="tok", unit_scale=True, leave=False, disable=None)
+    bar = Progress("shard: tokenize", None, unit="token", initial=counts["tokens"])
 
     def file_away(chunk: Chunk, encodings) -> None:
         if chunk.texts:
@@ -323,7 +323,7 @@ def pass_two(plan: Plan, cfg: ShardSettings, work: Path, out) -> list[dict]:
     """Write every shard (skipping those a killed run finished). Returns the shard list."""
     shards: list[dict] = []
     folder = work / "buckets"
-    bar = tqdm(desc="shard: shuffle+write", unit="bucket", total=sum(plan.buckets.values()), leave=False, disable=None)
+    bar = Progress("shard: shuffle+write", sum(plan.buckets.values()), unit="bucket")
     for split in SPLITS:
         number = 0
         for b in plan.bucket_ids(split):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import socket
 import sys
 import time
@@ -145,6 +146,42 @@ def _task_runs(stack: Stack, run_id: str) -> list[dict]:
     return stack.api.post("/task_runs/filter", json=body).raise_for_status().json()
 
 
+def _logs(stack: Stack, run_id: str) -> dict[str, list[str]]:
+    """The flow run's log lines by task run name (up to 2,000 lines)."""
+    names = {t["id"]: t["name"] for t in _task_runs(stack, run_id)}
+    found: dict[str, list[str]] = {}
+    for page in range(10):
+        body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200,
+                "offset": 200 * page}
+        logs = stack.api.post("/logs/filter", json=body).raise_for_status().json()
+        for log in logs:
+            found.setdefault(names.get(log["task_run_id"], "-").rsplit("-", 1)[0], []).append(log["message"])
+        if len(logs) < 200:
+            break
+    return found
+
+
+def _check_the_run_page(stack: Stack, run_id: str) -> None:
+    """What the Prefect UI shows of a run that is training: the data stages' per-unit progress and the
+    engine's step lines in their task runs' logs, the data report (its plot inlined) and the training
+    progress as artifacts (tasks/progress.py)."""
+    deadline = time.monotonic() + 60  # logs reach the API in batches (every 2 s by default)
+    while time.monotonic() < deadline:
+        logs = _logs(stack, run_id)
+        if any(line.startswith("step 50/1000000 loss") for line in logs.get("pretrain", [])):
+            break
+        time.sleep(1)
+    assert any(line.startswith("step 50/1000000 loss") for line in logs.get("pretrain", [])), logs.get("pretrain")
+    for stage in ("extract", "normalize", "clean"):
+        assert any(re.match(rf"{stage}: \d+/\d+ shard \(100%\)", line) for line in logs.get(stage, [])), logs.get(stage)
+    body = {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    artifacts = {a["key"]: a for a in stack.api.post("/artifacts/filter", json=body).raise_for_status().json()}
+    report = artifacts["dedup-report"]
+    assert report["type"] == "markdown" and "# Data report" in report["data"] and "| clean |" in report["data"]
+    assert "data:image/png;base64," in report["data"]  # report.png, which the UI cannot fetch from the store
+    assert artifacts["pretrain-progress"]["type"] == "progress", sorted(artifacts)
+
+
 @pytest.mark.parametrize("fail_at", ["download", "extract"])
 def test_ui_retry_resumes_failed_run_without_redoing_finished_work(fail_at, prefect_stack, http_server, make_profile, slm_home):
     flaky = fail_at == "download"
@@ -250,6 +287,7 @@ def test_cancel_from_the_ui_stops_training_with_a_checkpoint(prefect_stack, http
         time.sleep(0.5)
     assert metrics is not None, f"the engine never trained\n{prefect_stack.logs_tail()}"
     engine_pid = int((metrics.parent / "engine.pid").read_text())
+    _check_the_run_page(prefect_stack, run_id)
     from tasks.train.launch import _alive
 
     assert _alive(engine_pid)

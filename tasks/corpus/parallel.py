@@ -41,9 +41,9 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tqdm import tqdm
 
 from storage.errors import SlmError
+from tasks.progress import Progress
 
 # Imported once by the forkserver, so that every worker it forks starts with them loaded
 # (pandas too: pyarrow imports it, ~0.4 s, the first time it converts a Python list).
@@ -146,7 +146,9 @@ def run_units(out, phase: str, units: list[Unit], fn: Callable[[dict], dict], de
         out.save_progress(rel)
         results[unit.name] = result
 
-    bar = tqdm(total=len(units), initial=len(units) - len(pending), desc=desc, unit="shard")
+    # a bar on the terminal, a line in the run's log (Prefect task run's in a flow) at most every
+    # 10 s, and the Prefect progress artifact of the stage
+    bar = Progress(desc, len(units), unit="shard", initial=len(units) - len(pending))
     errors: list[tuple[str, BaseException]] = []
     try:
         workers = min(max(1, int(getattr(out, "workers", 1))), len(pending))

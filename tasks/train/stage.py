@@ -9,8 +9,11 @@ and distill_sft call. A stage module keeps its data builder, its objective and i
                                           so every training setting comes from the stage's
                                           settings (tasks/train/settings.py) and is in its key
   run_training(spec, cfg, work, out)      launch the engine child (torchrun when nproc > 1),
-                                          forward its log, upload checkpoints, fail with the end
-                                          of its log; metrics to the stage's MLflow run
+                                          forward its log lines to the run's log (the Prefect
+                                          task run's, in a flow), show a progress bar, upload
+                                          checkpoints, fail with the end of its log; metrics to
+                                          the stage's MLflow run; the training summary and loss
+                                          table as Prefect artifacts
   export(final, tok_dir, out, lora)       the final checkpoint -> out/checkpoint and out/hf
 
 The runner (tasks/runner.py) adds the key, the cache, the manifest and the MLflow run around it.
@@ -25,7 +28,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import numpy as np
 from storage.errors import SlmError
 from storage.manifest import sha256_of
 from tasks.corpus.positions import uniform
+
 
 class TrainStageError(SlmError):
     pass
@@ -176,24 +179,72 @@ def engine_spec(cfg, work: Path, model: dict, data: dict, objective: dict, extra
 
 
 class Watch:
-    """on_poll for launch.run_engine: forward the engine's log, upload finished checkpoints."""
+    """on_poll for launch.run_engine: the engine's log lines go to the run's log (tasks/progress.say:
+    the Prefect task run's log inside a flow, stdout outside one), its metrics records move a
+    progress bar and the Prefect progress artifact (tasks/progress.Progress), finished checkpoints
+    are uploaded. At most MAX_LINES lines per poll reach the run's log (the rest stay in engine.log),
+    so a child printing in a loop cannot flood the Prefect API."""
 
-    def __init__(self, out, work: Path, log: Path):
+    MAX_LINES = 200
+
+    def __init__(self, out, work: Path, log: Path, stage: str = "training", steps: int | None = None,
+                 initial_step: int = 0, eta_every_s: float = 60.0):
+        from tasks.progress import Progress
+
         self.out, self.work, self.log = out, work, log
         self.offset = log.stat().st_size if log.exists() else 0
+        self.metrics = work / "metrics.jsonl"
+        self.metrics_offset = self.metrics.stat().st_size if self.metrics.exists() else 0
+        self.partial, self.metrics_partial = b"", b""
+        self.records: list[dict] = []  # this attempt's metrics records (one per logged step: small)
         self.uploaded: set[str] = set()
+        self.progress = Progress(stage, steps, unit="step", initial=initial_step, log_every_s=eta_every_s)
 
-    def __call__(self) -> None:
+    def _new_bytes(self, path: Path, offset: int) -> tuple[bytes, int]:
+        if not path.exists():
+            return b"", offset
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+        return chunk, offset + len(chunk)
+
+    def _forward_log(self, final: bool) -> None:
+        from tasks.progress import say
+
+        chunk, self.offset = self._new_bytes(self.log, self.offset)
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()  # a line the child is still writing
+        if final and self.partial:
+            lines, self.partial = lines + [self.partial], b""
+        lines = [line.decode("utf-8", errors="replace").rstrip() for line in lines]
+        lines = [line for line in lines if line]
+        for line in lines[:self.MAX_LINES]:
+            say(line)
+        if len(lines) > self.MAX_LINES:
+            say(f"... {len(lines) - self.MAX_LINES} more lines in {self.log}")
+
+    def _follow_metrics(self) -> None:
+        from tasks.progress import mean_rate
+
+        chunk, self.metrics_offset = self._new_bytes(self.metrics, self.metrics_offset)
+        lines = (self.metrics_partial + chunk).split(b"\n")
+        self.metrics_partial = lines.pop()
+        for line in lines:
+            try:
+                self.records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        train = [r for r in self.records if r.get("kind") == "train"]
+        if train:
+            rate = mean_rate(self.records)  # this attempt's records only: the watch starts at the file's end
+            speed = f", {rate:,.0f} tok/s" if rate else ""
+            self.progress.set(int(train[-1]["step"]), postfix=f"loss {train[-1]['loss']:.4f}{speed}")
+
+    def __call__(self, final: bool = False) -> None:
         from tasks.train.checkpoint import list_checkpoints
 
-        if self.log.exists():
-            with open(self.log, "rb") as fh:
-                fh.seek(self.offset)
-                chunk = fh.read()
-            self.offset += len(chunk)
-            if chunk:
-                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
-                sys.stdout.flush()
+        self._forward_log(final)
+        self._follow_metrics()
         for ckpt in list_checkpoints(self.work / "checkpoints"):
             if ckpt.name in self.uploaded:
                 continue
@@ -204,10 +255,64 @@ class Watch:
                     self.out.save_progress((self.work / f).relative_to(self.out.path).as_posix())
             self.uploaded.add(ckpt.name)
 
+    def close(self) -> None:
+        """The rest of the log (a last line without a newline too) and the bar off the terminal."""
+        self._forward_log(final=True)
+        self._follow_metrics()
+        self.progress.close()
+
     def tail(self, lines: int = 25) -> str:
         if not self.log.exists():
             return "(no engine log)"
         return "\n".join(self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+def summary_markdown(stage: str, records: list[dict], resumed: str | None) -> tuple[str, list[dict]]:
+    """The training summary of a finished run (from engine.read_metrics' records): a markdown page
+    (steps, tokens, tokens/s, MFU, final loss and validation loss / bits per byte, the loss at each
+    logged step) and the rows of its loss table. tokens/s: tasks/progress.mean_rate (per row:
+    interval_rates); MFU: the median of the engine's logged values (none on a CPU)."""
+    from tasks.progress import interval_rates, mean_rate
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = {r["step"]: r for r in records if r.get("kind") == "eval"}
+    rates = dict(interval_rates(records))
+    mfus = sorted(r["mfu"] for r in train if "mfu" in r)
+    speed = mean_rate(records)
+    last_eval = evals[max(evals)] if evals else {}
+    head = {
+        "steps": train[-1]["step"] if train else 0,
+        "tokens": f"{train[-1]['tokens']:,}" if train else "0",
+        "tokens/s": f"{speed:,.0f}" if speed else "-",
+        "MFU": f"{mfus[len(mfus) // 2]:.1%}" if mfus else "-",
+        "loss": f"{train[-1]['loss']:.4f}" if train else "-",
+        "val loss": f"{last_eval['val_loss']:.4f}" if "val_loss" in last_eval else "-",
+        "val bits/byte": f"{last_eval['val_bpb']:.4f}" if "val_bpb" in last_eval else "-",
+    }
+    steps = sorted({r["step"] for r in train} | set(evals))
+    if len(steps) > 100:  # a readable table: 100 rows spread over the run, the last one kept
+        steps = sorted({steps[i * (len(steps) - 1) // 99] for i in range(100)})
+    by_step = {r["step"]: r for r in train}
+    rows = []
+    for step in steps:
+        t, e = by_step.get(step, {}), evals.get(step, {})
+        rows.append({"step": step, "loss": _round(t.get("loss")), "lr": _round(t.get("lr"), 6),
+                     "tokens_per_s": round(rates[step]) if step in rates else None,
+                     "val_loss": _round(e.get("val_loss")), "val_bpb": _round(e.get("val_bpb"))})
+    lines = [f"# {stage}: training", "",
+             (f"{'Resumed from ' + resumed + '. ' if resumed else ''}tokens/s: wall clock from the first to "
+              "the last logged step of each attempt (evaluations and checkpoints included; in the table, over "
+              "each logged interval); MFU: the median of the engine's logged intervals."), "",
+             "| " + " | ".join(head) + " |", "|" + "---:|" * len(head), "| " + " | ".join(str(v) for v in head.values()) + " |",
+             "", "| step | loss | lr | tokens/s | val loss | val bits/byte |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r[k] is None else (f"{r[k]:,}" if k == "tokens_per_s" else str(r[k]))
+                                      for k in ("step", "loss", "lr", "tokens_per_s", "val_loss", "val_bpb")) + " |")
+    return "\n".join(lines) + "\n", rows
+
+
+def _round(value, digits: int = 4):
+    return None if value is None else round(float(value), digits)
 
 
 METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "val_loss", "val_bpb")
@@ -219,6 +324,7 @@ def run_training(spec: dict, cfg, work: Path, out, error=TrainStageError, extra_
     (default cfg.nproc), log its metrics (and the objective's stats named in extra_metrics) to the
     stage's MLflow run. Returns (final checkpoint, metric records, resumed-from name); raises
     `error` when training was stopped (checkpoint saved, rerun resumes) or failed (its log's end)."""
+    from tasks.progress import publish_markdown, publish_table, say
     from tasks.train.checkpoint import checkpoint_step, latest_checkpoint
     from tasks.train.engine import EXIT_STOPPED
     from tasks.train.metrics import read_metrics
@@ -229,12 +335,14 @@ def run_training(spec: dict, cfg, work: Path, out, error=TrainStageError, extra_
     (work / "run.json").write_text(json.dumps(spec, indent=2))
     resumed = latest_checkpoint(work / "checkpoints")
     log = work / "engine.log"
-    watch = Watch(out, work, log)
     stage = spec.get("extra", {}).get("stage", "training")
-    print(f"{stage}: {'resuming from ' + resumed.name if resumed else 'starting'}, {nproc} process(es); "
-          f"log {log}", flush=True)
-    code = run_engine(work / "run.json", work, nproc=nproc, on_poll=watch, poll_seconds=poll_seconds,
-                      grace_seconds=cfg.grace_seconds, log_path=log)
+    say(f"{stage}: {'resuming from ' + resumed.name if resumed else 'starting'}, {nproc} process(es); log {log}")
+    watch = Watch(out, work, log, stage, cfg.steps, checkpoint_step(resumed) if resumed else 0)
+    try:
+        code = run_engine(work / "run.json", work, nproc=nproc, on_poll=watch, poll_seconds=poll_seconds,
+                          grace_seconds=cfg.grace_seconds, log_path=log)
+    finally:
+        watch.close()
     history = read_metrics(work / "metrics.jsonl")
     begun = [i for i, r in enumerate(history) if r.get("kind") in ("start", "resume")]
     ends = [r for r in history[begun[-1] if begun else len(history):] if r.get("kind") == "end"]  # this attempt's
@@ -255,6 +363,9 @@ def run_training(spec: dict, cfg, work: Path, out, error=TrainStageError, extra_
             values = {k: v for k, v in rec.items() if k in METRICS or k in extra_metrics}
             if values:
                 out.log_metrics(values, step=rec["step"])
+    page, rows = summary_markdown(stage, records, resumed.name if resumed else None)
+    publish_markdown(f"{stage}-training", page, f"{stage}: loss, bits per byte, tokens/s, MFU")
+    publish_table(f"{stage}-loss", rows, f"{stage}: loss at each logged step")
     return final, records, resumed.name if resumed else None
 
 

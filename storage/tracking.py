@@ -108,18 +108,20 @@ class Record:
 
 def record_files(files: list[tuple[str, int]], skip_under: str | None = None) -> Record:
     """Split an artifact's (path, size) list into files to copy and the rest, grouped by their
-    top-level directory. `skip_under` (a logged model's directory) is linked, not copied."""
-    copy, link = [], {}
+    top-level entry. A directory is copied whole or not at all (no lone config file of a
+    checkpoint); `skip_under` (a logged model's directory) is linked, not copied."""
+    groups: dict[str, list[tuple[str, int]]] = {}
     for path, size in files:
-        if path == "_MANIFEST.json":
-            continue
-        skipped = skip_under is not None and path.startswith(skip_under.rstrip("/") + "/")
-        if not skipped and path.endswith(RECORD_SUFFIXES) and size <= RECORD_MAX_BYTES:
-            copy.append(path)
+        if path != "_MANIFEST.json":
+            groups.setdefault(path.split("/", 1)[0], []).append((path, size))
+    copy, link = [], {}
+    for name, members in groups.items():
+        wanted = name != (skip_under or "").strip("/").split("/", 1)[0] and all(
+            path.endswith(RECORD_SUFFIXES) and size <= RECORD_MAX_BYTES for path, size in members)
+        if wanted:
+            copy += [path for path, _ in members]
         else:
-            group = link.setdefault(path.split("/", 1)[0], {"files": 0, "bytes": 0})
-            group["files"] += 1
-            group["bytes"] += size
+            link[name] = {"files": len(members), "bytes": sum(size for _, size in members)}
     return Record(copy, link)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from profiles.loader import load_profile
-from storage.tracking import CLASSIC_ML, EXPERIMENT_KIND, MAX_PARAM_CHARS, Tracker, flatten
+from storage.tracking import CLASSIC_ML, EXPERIMENT_KIND, MAX_PARAM_CHARS, RECORD_MAX_BYTES, Tracker, flatten, record_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,3 +85,15 @@ def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on():
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "True", "False"]
+
+
+def test_a_stage_run_copies_record_files_and_links_the_rest():
+    record = record_files([("_MANIFEST.json", 9), ("report.md", 10), ("report.png", 20), ("tokenizer.json", 30),
+                           ("checkpoint/model.safetensors", 1000), ("checkpoint/model_config.json", 5),
+                           ("hf/config.json", 5), ("hf/model.safetensors", 900), ("docs/00.parquet", 400),
+                           ("huge.json", RECORD_MAX_BYTES + 1), ("plots/a.png", 3), ("plots/b.svg", 4)],
+                          skip_under="hf")
+    assert record.copy == ["report.md", "report.png", "tokenizer.json", "plots/a.png", "plots/b.svg"]
+    # a directory goes whole or not at all: no lone config file of a checkpoint
+    assert record.link == {"checkpoint": {"files": 2, "bytes": 1005}, "hf": {"files": 2, "bytes": 905},
+                           "docs": {"files": 1, "bytes": 400}, "huge.json": {"files": 1, "bytes": RECORD_MAX_BYTES + 1}}

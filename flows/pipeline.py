@@ -155,7 +155,7 @@ def _run_pipeline(flow_name, profile_ref, overrides, until, only, group) -> dict
     keys = compute_keys(profile)
     storage = result_storage(profile)
     tracker = open_tracker(profile)
-    parent = tracker.pipeline_run(flow_run.get_id(), profile.name, flow_name) if tracker else None
+    parent = tracker.pipeline_run(flow_run.get_id(), profile, flow_name, overrides) if tracker else None
     manifests: dict[str, Manifest] = {}
     made: set[str] = set()
     ok = False

@@ -103,6 +103,7 @@ class Settings:
         # MLflow's server-side job runner (GenAI scoring) starts ~7 consumers of ~200 MB each;
         # the pipeline does not use it.
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the server and its UI send nothing unless asked
         return env
 
 
@@ -400,7 +401,8 @@ def print_urls(state: dict) -> None:
     print(f"  MLflow UI    {urls['mlflow']}")
     print(f"  logs         {Path(state['home']) / 'logs'}")
     print("Run the pipeline on the worker (or use the UI's Run button):")
-    print(f"  PREFECT_HOME={state['prefect_home']} {BIN / 'prefect'} deployment run slm/full-pipeline -p profile=demo")
+    print(f"  export PREFECT_API_URL={urls['prefect_api']}")
+    print(f"  {BIN / 'prefect'} deployment run slm/full-pipeline -p profile=demo")
     print("Stop everything: make down")
 
 

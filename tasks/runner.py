@@ -32,7 +32,7 @@ from storage.home import project_home
 from storage.keys import short, stage_key
 from storage.manifest import Manifest, list_files
 from storage.redact import redact, redact_text, scrubbed
-from storage.tracking import Tracker
+from storage.tracking import Tracker, record_files
 from tasks.registry import Stage, all_stages
 
 _VERSIONED = ("slm", "prefect", "mlflow", "pyarrow", "polars", "tokenizers", "torch",
@@ -177,7 +177,8 @@ def run_stage(
 
     out = store.begin(stage.name, key, workers=profile.runtime.workers, executor=profile.runtime.executor,
                       ray_address=profile.runtime.ray_address)
-    run_id = tracker.stage_run(parent_run_id, stage.name, key, shown) if tracker else None
+    run_id = tracker.stage_run(parent_run_id, stage.name, key, shown, system_metrics=stage.group == "train") \
+        if tracker else None
     if tracker and run_id and repaired:
         tracker.set_tag(run_id, "slm.repaired", redact_text(repaired)[:5000])
     started, clock = datetime.now(timezone.utc), time.perf_counter()
@@ -220,12 +221,12 @@ def run_stage(
         tracker.log_metrics(run_id, numbers)
         for values, step in out.metrics:
             tracker.log_metrics(run_id, values, step)
-        for rel in out.logged:
-            folder = rel.rpartition("/")[0] or None
-            tracker.log_artifact(run_id, str(store.local_path(manifest, rel)), folder)
         hf_dir = result.extra.get("hf_dir")
-        if isinstance(hf_dir, str) and profile.tracking.log_models and manifest.files_under(hf_dir):
-            model_id = tracker.log_model(run_id, stage.name, str(local_dir(store, manifest, hf_dir)),
+        as_model = hf_dir if isinstance(hf_dir, str) and profile.tracking.log_models and manifest.files_under(hf_dir) \
+            else None
+        log_record(tracker, run_id, store, manifest, out.logged, as_model)
+        if as_model:
+            model_id = tracker.log_model(run_id, stage.name, str(local_dir(store, manifest, as_model)),
                                          {"slm.key": key, "slm.profile": profile.name})
             tracker.set_tag(run_id, "slm.model_id", model_id)
         if manifest.summary:
@@ -233,6 +234,20 @@ def run_stage(
         tracker.set_tag(run_id, "slm.artifact", redact_text(store.uri(stage.name, key)))
         tracker.finish(run_id, ok=True)
     return manifest
+
+
+def log_record(tracker: Tracker, run_id: str, store: ArtifactStore, manifest: Manifest, asked: list[str],
+               model_dir: str | None) -> None:
+    """Copy a committed artifact's record files (storage/tracking.record_files, plus those the stage
+    asked for) into its MLflow run, with _MANIFEST.json and links.json: where the rest (checkpoints,
+    corpus data, the model directory logged as a LoggedModel) lies in the artifact store."""
+    record = record_files([(f.path, f.size) for f in manifest.files], skip_under=model_dir)
+    for rel in dict.fromkeys([*record.copy, *asked]):
+        tracker.log_artifact(run_id, str(store.local_path(manifest, rel)), rel.rpartition("/")[0] or None)
+    tracker.log_dict(run_id, manifest.model_dump(mode="json"), "_MANIFEST.json")
+    root = redact_text(store.uri(manifest.stage, manifest.key))
+    tracker.log_dict(run_id, {"artifact": root, "not_copied": {
+        name: {"uri": f"{root}/{name}", **group} for name, group in record.link.items()}}, "links.json")
 
 
 def local_dir(store: ArtifactStore, manifest: Manifest, rel_dir: str) -> Path:

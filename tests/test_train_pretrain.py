@@ -102,7 +102,7 @@ def test_killed_stage_resumes_and_exports_a_model_transformers_loads(upstream, m
     assert 5 <= stopped_at < STEPS
 
     tracker = open_tracker(profile)
-    parent = tracker.pipeline_run(None, profile.name, "test")
+    parent = tracker.pipeline_run(None, profile, "test")
     manifest = run_stage(stage, profile, inputs, store, tracker, parent)
 
     assert manifest.extra["resumed_from"] == f"step_{stopped_at:08d}"
@@ -167,7 +167,7 @@ def test_continued_pretraining_starts_from_the_hf_model(upstream, tmp_path):
                                   "eval_every": 0, "ckpt_every": 0, "log_every": 1}
     cont = profile_model().model_validate(data)
     tracker = open_tracker(cont)
-    manifest = run_stage(all_stages()["pretrain"], cont, inputs, store, tracker, tracker.pipeline_run(None, "c", "test"))
+    manifest = run_stage(all_stages()["pretrain"], cont, inputs, store, tracker, tracker.pipeline_run(None, cont, "test"))
 
     assert manifest.extra["init_from"] == str(hf_dir)
     assert manifest.extra["model_config"]["hidden_size"] == 48  # the HF model's shape, not stages.pretrain.model

@@ -38,6 +38,52 @@ def baseline(tmp_path_factory):
     return home, home.manifests()
 
 
+def test_mlflow_holds_each_stage_record(baseline):
+    """The baseline run as MLflow shows it (read before any scenario changes that home): every stage
+    that did work has a run under the flow's parent run with its params, its record files (the data
+    report and plot, the tokenizer, _MANIFEST.json) and links.json to what stays in the artifact
+    store (checkpoints); training stages also have system metrics."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    home, manifests = baseline
+    client = MlflowClient(tracking_uri=f"sqlite:///{home.root / 'slm' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("slm")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent, = client.search_runs([experiment.experiment_id], "tags.`slm.flow` = 'slm'")
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("faults · slm · ")
+    assert parent.data.params["stages.pretrain.steps"] == "40" and parent.data.params["runtime.workers"] == "1"
+    runs = {r.data.tags["slm.stage"]: r for r in client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert set(runs) == set(STAGES)
+
+    def files(run, path=None) -> set[str]:
+        found = set()
+        for item in client.list_artifacts(run.info.run_id, path):
+            found |= files(run, item.path) if item.is_dir else {item.path}
+        return found
+
+    for stage, run in runs.items():
+        assert run.info.status == "FINISHED", stage
+        assert run.data.params, stage
+        assert run.data.tags["slm.key"] == manifests[stage].key
+        assert {"_MANIFEST.json", "links.json"} <= files(run), stage
+    assert "report.md" in files(runs["clean"])
+    assert {"report.md", "report.png"} <= files(runs["dedup"])  # the data report of the whole corpus run
+    assert {"tokenizer.json", "tokenizer_config.json"} <= files(runs["tokenizer"])
+    assert runs["pretrain"].data.params["model.hidden_size"] == "64"
+    links = json.loads(open(client.download_artifacts(runs["pretrain"].info.run_id, "links.json")).read())
+    assert links["not_copied"]["checkpoint"]["uri"] == f"{links['artifact']}/checkpoint"
+    assert links["not_copied"]["checkpoint"]["files"] >= 3
+    assert not any(p.startswith("checkpoint/") for p in files(runs["pretrain"]))  # linked, not copied in part
+    for stage in ("pretrain", "sft"):
+        metrics = runs[stage].data.metrics
+        assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+        assert "loss" in metrics
+    assert not any(k.startswith("system/") for k in runs["clean"].data.metrics)  # data stages: not sampled
+
+
 def report(outcome) -> None:
     print(f"{outcome.scenario} (seed {outcome.seed}): {outcome.detail}: {'recovered' if outcome.ok else 'FAILED'}")
     assert outcome.ok, "\n".join(outcome.problems)

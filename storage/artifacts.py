@@ -73,6 +73,9 @@ class ArtifactDir:
     workers: int = 1
     executor: str = "local"  # runtime.executor: where tasks.corpus.parallel runs the units
     ray_address: str | None = None  # runtime.ray_address (executor ray)
+    nnodes: int = 1  # runtime.nnodes, node_rank, rdzv_endpoint: where training's torchrun joins (launch.Nodes)
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
     metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
     logged: list[str] = field(default_factory=list)  # artifact files to copy to the MLflow run
 
@@ -303,7 +306,8 @@ class ArtifactStore:
             ) from None
 
     def begin(self, stage: str, key: str, workers: int = 1, executor: str = "local",
-              ray_address: str | None = None) -> ArtifactDir:
+              ray_address: str | None = None, nnodes: int = 1, node_rank: int = 0,
+              rdzv_endpoint: str | None = None) -> ArtifactDir:
         """Open the working directory for a stage run, with any earlier partial work in it."""
         if self.is_local:
             path = Path(self._partial(stage, key))
@@ -325,7 +329,8 @@ class ArtifactStore:
                         local.parent.mkdir(parents=True, exist_ok=True)
                         self.fs.get_file(file, str(local))
         return ArtifactDir(stage=stage, key=key, path=path, store=self, workers=workers,
-                           executor=executor, ray_address=ray_address)
+                           executor=executor, ray_address=ray_address, nnodes=nnodes, node_rank=node_rank,
+                           rdzv_endpoint=rdzv_endpoint)
 
     def _upload_partial(self, out: ArtifactDir, rel: str) -> None:
         if self.is_local:

@@ -214,14 +214,15 @@ METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "va
 
 
 def run_training(spec: dict, cfg, work: Path, out, error=TrainStageError, extra_metrics: tuple[str, ...] = (),
-                 nproc: int | None = None, poll_seconds: float = 1.0) -> tuple[Path, list[dict], str | None]:
+                 nproc: int | None = None, poll_seconds: float = 1.0, nodes=None) -> tuple[Path, list[dict], str | None]:
     """Write run.json, run the engine child (resuming from work/checkpoints) on `nproc` processes
     (default cfg.nproc), log its metrics (and the objective's stats named in extra_metrics) to the
-    stage's MLflow run. Returns (final checkpoint, metric records, resumed-from name); raises
+    stage's MLflow run. `nodes` (launch.Nodes): the machines it trains on, default the profile's runtime.nnodes
+    etc. (out.nnodes, ...). Returns (final checkpoint, metric records, resumed-from name); raises
     `error` when training was stopped (checkpoint saved, rerun resumes) or failed (its log's end)."""
     from tasks.train.checkpoint import checkpoint_step, latest_checkpoint
     from tasks.train.engine import EXIT_STOPPED, read_metrics
-    from tasks.train.launch import run_engine
+    from tasks.train.launch import Nodes, run_engine
 
     nproc = cfg.nproc if nproc is None else nproc
     work.mkdir(parents=True, exist_ok=True)
@@ -233,7 +234,8 @@ def run_training(spec: dict, cfg, work: Path, out, error=TrainStageError, extra_
     print(f"{stage}: {'resuming from ' + resumed.name if resumed else 'starting'}, {nproc} process(es); "
           f"log {log}", flush=True)
     code = run_engine(work / "run.json", work, nproc=nproc, on_poll=watch, poll_seconds=poll_seconds,
-                      grace_seconds=cfg.grace_seconds, log_path=log)
+                      grace_seconds=cfg.grace_seconds, log_path=log,
+                      nodes=nodes or Nodes(out.nnodes, out.node_rank, out.rdzv_endpoint))
     history = read_metrics(work / "metrics.jsonl")
     begun = [i for i, r in enumerate(history) if r.get("kind") in ("start", "resume")]
     ends = [r for r in history[begun[-1] if begun else len(history):] if r.get("kind") == "end"]  # this attempt's

@@ -1,11 +1,15 @@
 """runtime.executor ray: the corpus stages on a real local Ray cluster (a head and a second worker
-node, one CPU each, on 127.0.0.1) write the same files as the local executor; a unit whose worker
-dies is rerun by Ray; a wrong address fails in seconds naming the setting."""
+node, one CPU each, on 127.0.0.1) write the same files as the local executor, with the store in a
+folder or in an S3 bucket (moto's server), and with a worker killed mid-stage; a unit whose worker
+dies is rerun by Ray; a driver killed with kill -9 resumes from the unit markers; a wrong address,
+a worker killed at every attempt and a store the workers cannot write fail naming what to change."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,9 +58,40 @@ def cluster(moto_endpoint, tmp_path_factory):
         made.shutdown()
 
 
+@contextlib.contextmanager
+def killing_one_unit():
+    """SIGKILL the first Ray worker seen running one of our units (Ray titles a worker process
+    `ray::<task name>` while it runs a task, and our units are named `slm:<unit>`); yields the
+    list that receives the killed unit's title."""
+    killed: list[str] = []
+    stop = threading.Event()
+
+    def hunt():
+        while not stop.is_set() and not killed:
+            for proc in Path("/proc").iterdir():
+                try:
+                    title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+                except (OSError, ValueError):
+                    continue
+                if title.startswith("ray::slm:"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    killed.append(title)
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=hunt, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def test_corpus_stages_on_two_ray_nodes_write_the_same_files_as_local(tmp_path, cluster, s3):
-    """Local executor, Ray on a shared folder, and Ray on an S3 bucket (moto's server): the units on
-    the bucket read their inputs from it and upload their files to it, never this machine's paths."""
+    """Local executor, Ray on a shared folder (one unit's worker killed mid-stage), and Ray on an S3
+    bucket (moto's server): the units on the bucket read their inputs from it and upload their
+    files to it, never this machine's paths. All three write the same files."""
     sources = corpus(tmp_path)
     found = {}
     roots = {"local": str(tmp_path / "store-local"), "ray": str(tmp_path / "store-ray"), "ray-s3": s3.url("store")}
@@ -66,7 +101,12 @@ def test_corpus_stages_on_two_ray_nodes_write_the_same_files_as_local(tmp_path, 
         overrides = [f"runtime.executor={run.split('-')[0]}"]
         if run != "local":
             overrides.append(f"runtime.ray_address={cluster.address}")
-        found[run], _ = run_until(profile, "dedup", overrides)
+        if run == "ray":  # and one unit's worker is killed while it runs: Ray reruns it
+            with killing_one_unit() as killed:
+                found[run], _ = run_until(profile, "dedup", overrides)
+            assert killed, "no unit was seen running"
+        else:
+            found[run], _ = run_until(profile, "dedup", overrides)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the runs were on the two-node cluster
     for run in ("ray", "ray-s3"):
         for stage in STAGES:

@@ -89,38 +89,36 @@ def killing_one_unit():
 
 
 def test_corpus_stages_on_two_ray_nodes_write_the_same_files_as_local(tmp_path, cluster, s3):
-    """Local executor, Ray on a shared folder (one unit's worker killed mid-stage), and Ray on an S3
-    bucket (moto's server): the units on the bucket read their inputs from it and upload their
-    files to it, never this machine's paths. All three write the same files."""
+    """extract -> shard with the local executor, and on the two Ray nodes with the store in an S3
+    bucket (moto's server) and one unit's worker SIGKILLed mid-stage: the units read their inputs
+    from the bucket and upload their files to it, never this machine's paths; Ray reruns the killed
+    unit; both runs write the same files. (Ray with the store in a shared folder is the same code
+    path minus the transfers: the unit tests below use it.)"""
     sources = corpus(tmp_path)
     found = {}
-    roots = {"local": str(tmp_path / "store-local"), "ray": str(tmp_path / "store-ray"), "ray-s3": s3.url("store")}
-    for run, root in roots.items():
-        profile = write_profile(tmp_path, sources, stages={"extract": {"shard_mb": 0.3}}, workers=1,
-                                name=run, root=root)
-        overrides = [f"runtime.executor={run.split('-')[0]}"]
-        if run != "local":
-            overrides.append(f"runtime.ray_address={cluster.address}")
-        if run == "ray":  # and one unit's worker is killed while it runs: Ray reruns it
-            with killing_one_unit() as killed:
-                found[run], _ = run_until(profile, "dedup", overrides)
-            assert killed, "no unit was seen running"
-        else:
-            found[run], _ = run_until(profile, "dedup", overrides)
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the runs were on the two-node cluster
-    for run in ("ray", "ray-s3"):
-        for stage in STAGES:
-            local, on_ray = found["local"][stage], found[run][stage]
-            assert local.key == on_ray.key, stage  # neither executor nor store is part of the cache key
-            files = {f.path: f.sha256 for f in local.files if not f.path.startswith("report.")}
-            assert files == {f.path: f.sha256 for f in on_ray.files if not f.path.startswith("report.")}, (run, stage)
-            assert local.counts == on_ray.counts and local.dropped == on_ray.dropped, (run, stage)
-            assert sum(1 for path in files if path.startswith("docs/")) >= 4, stage
-        assert found[run]["dedup"].extra["dedup"] == found["local"]["dedup"].extra["dedup"]
-    # every unit's files went through the bucket (the partial work, deleted at commit) and the
-    # workers' scratch folders hold nothing of them any more
+    for run, root in {"local": str(tmp_path / "store-local"), "ray": s3.url("store")}.items():
+        profile = write_profile(tmp_path, sources, workers=1, name=run, root=root, stages={
+            "extract": {"shard_mb": 0.3}, "tokenizer": {"vocab_size": 512, "sample_chars": 100_000},
+            "shard": {"shard_mb": 0.05, "val_fraction": 0.05}})
+        if run == "local":
+            found[run], _ = run_until(profile, "shard", ["runtime.executor=local"])
+            continue
+        with killing_one_unit() as killed:
+            found[run], _ = run_until(profile, "shard", ["runtime.executor=ray", f"runtime.ray_address={cluster.address}"])
+        assert killed, "no unit was seen running"
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the run was on the two-node cluster
+    for stage in (*STAGES, "tokenizer", "shard"):
+        local, on_ray = found["local"][stage], found["ray"][stage]
+        assert local.key == on_ray.key, stage  # neither executor nor store is part of the cache key
+        files = {f.path: f.sha256 for f in local.files if not f.path.startswith("report.")}
+        assert files == {f.path: f.sha256 for f in on_ray.files if not f.path.startswith("report.")}, stage
+        assert local.counts == on_ray.counts and local.dropped == on_ray.dropped, stage
+        assert sum(1 for path in files if path.startswith(("docs/", "train/"))) >= 4 or stage == "tokenizer", stage
+    assert found["ray"]["dedup"].extra["dedup"] == found["local"]["dedup"].extra["dedup"]
+    # every unit's files went through the bucket (the partial work, deleted at commit): the
+    # workers' scratch folders hold nothing of them any more, their caches the upstream files
     scratch = cluster.worker_dir
-    assert sorted(p.name for p in (scratch / "work").iterdir()) == ["clean", "dedup", "extract", "normalize"]
+    assert sorted(p.name for p in (scratch / "work").iterdir()) == ["clean", "dedup", "extract", "normalize", "shard"]
     assert not [p for p in (scratch / "work").rglob("*") if p.is_file()]
     assert {p.name for p in (scratch / "cache").iterdir()} == {"download", "extract", "normalize", "clean"}
     assert not [k for k in s3.keys("store/") if ".partial/" in k]

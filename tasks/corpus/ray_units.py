@@ -136,8 +136,18 @@ def store_context(out, pending: list) -> dict[str, Any] | None:
         for path in scratch.rglob("*"):
             if path.is_file():
                 named.setdefault(path.name.split(".", 1)[0], []).append(path.relative_to(out.path).as_posix())
+    fetch = {u.name: sorted(named.get(u.name, [])) for u in pending}
+    # What the units fetch must be in the store's partial work: upload what is not there yet
+    # (e.g. shard's pass-1 buckets, written here without save_progress).
+    partial = store.partial_path(out.stage, out.key)
+    store.fs.invalidate_cache(partial)
+    there = {name.rstrip("/"): info.get("size") for name, info in
+             (store.fs.find(partial, detail=True) if store.fs.exists(partial) else {}).items()}
+    for rel in sorted({rel for rels in fetch.values() for rel in rels}):
+        if there.get(f"{partial}/{rel}") != (out.path / rel).stat().st_size:
+            out.save_progress(rel)
     return {"root": store.root, "stage": out.stage, "key": out.key, "out": str(out.path),
-            "cache": str(store.home / "cache"), "fetch": {u.name: sorted(named.get(u.name, [])) for u in pending}}
+            "cache": str(store.home / "cache"), "fetch": fetch}
 
 
 def _worker_dir() -> Path:

@@ -13,13 +13,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
 from profiles.schema import profile_model
 from storage.artifacts import ArtifactStore
+from storage.errors import SlmError
+from storage.tracking import Tracker
 from tasks.registry import all_stages
 from tasks.runner import run_stage
-from storage.tracking import Tracker
+from tasks.train.launch import Nodes
+from tasks.train.nodes import join_stage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from token_corpus import corpus_records, documents_artifact  # noqa: E402
@@ -55,6 +59,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from storage.artifacts import ArtifactStore
 from storage.manifest import Manifest
+from storage.errors import SlmError
 from storage.tracking import Tracker
 from tasks.registry import all_stages
 from tasks.runner import run_stage
@@ -121,3 +126,11 @@ def test_two_nodes_train_like_one_with_the_same_global_batch(tmp_path):
     want, got = losses(single.mlflow_run_id), losses(two.mlflow_run_id)
     assert len(got) == len(want) == PRETRAIN["steps"]
     np.testing.assert_allclose(got, want, rtol=2e-5)  # same rows per step; only float sums differ
+
+
+def test_a_training_node_k_refuses_an_object_store_root(s3, tmp_path):
+    """Nodes K > 0 share the stage's working folder with node 0: an s3:// root cannot be that."""
+    store = ArtifactStore(s3.url("artifacts"), tmp_path)
+    with pytest.raises(SlmError, match="runtime.node_rank 1: .*store.root must be a folder mounted at the same "
+                                       "path on every node"):
+        join_stage("pretrain", "0" * 64, store, Nodes(2, 1, "127.0.0.1:29500"))

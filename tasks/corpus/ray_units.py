@@ -223,7 +223,7 @@ def run_on_ray(address: str | None, pending: list, fn: Callable[[dict], dict], f
     """through_store: store_context(out, pending) for an object-store root, else None."""
     ray = connect(address)
     ordered = sorted(pending, key=lambda u: -int(u.args.get("size", 0)))
-    options = dict(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)
+    options = {"num_cpus": 1, "max_retries": MAX_RETRIES, "retry_exceptions": False}
     if through_store is None:
         remote = ray.remote(**options)(fn)
         running = {remote.options(name=f"slm:{u.name}").remote(u.args): u for u in ordered}

@@ -1,6 +1,6 @@
 """The Ray executor of tasks.corpus.parallel: one Ray task per unit of work, on a Ray cluster.
 
-run_on_ray(address, pending, fn, finish, errors, bar)
+run_on_ray(address, pending, fn, finish, errors, bar, through_store)
   address   runtime.ray_address: "auto", "host:port" (the cluster's GCS), "ray://host:port" (Ray
             Client), or None: a Ray on this machine, started on first use and kept for the life of
             this process (like the local pool).
@@ -20,6 +20,9 @@ run_on_ray(address, pending, fn, finish, errors, bar)
             The unit's files are uploaded to `<root>/<stage>/<key>.partial/` and removed from the
             worker; finish then copies them here (ArtifactDir.fetch_progress). Each worker needs
             credentials for the store in its own environment (AWS_*, ...): none are sent.
+            through_store = store_context(out, pending) says all this (None: a local root). A
+            worker's cache keeps the upstream files for the next units (checked by size; the
+            driver verified the artifact); deleting it is always safe.
   finish    called here, in the driver, with each unit's result as it arrives: it makes the
             unit's files durable (or fetches them, above) and writes its marker, exactly as with
             the local executor, so a driver killed mid-stage resumes from the same markers.

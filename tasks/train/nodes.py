@@ -31,7 +31,7 @@ ENGINE_DIR = "_work/engine"  # where every training stage runs its engine (out.s
 
 
 def engine_dir(store: ArtifactStore, stage: str, key: str) -> Path:
-    return Path(store._partial(stage, key)) / ENGINE_DIR
+    return Path(store.partial_path(stage, key)) / ENGINE_DIR
 
 
 def join_stage(stage: str, key: str, store: ArtifactStore, nodes: Nodes, poll_seconds: float = 1.0) -> Manifest:

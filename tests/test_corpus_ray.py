@@ -59,21 +59,26 @@ def cluster(moto_endpoint, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def killing_one_unit():
-    """SIGKILL the first Ray worker seen running one of our units (Ray titles a worker process
-    `ray::<task name>` while it runs a task, and our units are named `slm:<unit>`); yields the
-    list that receives the killed unit's title."""
+def killing_one_unit(cluster):
+    """SIGKILL the first worker of this cluster seen running one of our units (Ray titles a worker
+    process `ray::<task name>` while it runs a task, and our units are named `slm:<unit>`; the
+    cluster's processes carry its SLM_WORKER_DIR, so another test session's Ray is left alone);
+    yields the list that receives the killed unit's title."""
     killed: list[str] = []
     stop = threading.Event()
+    ours = f"SLM_WORKER_DIR={cluster.worker_dir}".encode()
 
     def hunt():
         while not stop.is_set() and not killed:
             for proc in Path("/proc").iterdir():
                 try:
                     title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+                    if not title.startswith("ray::slm:"):
+                        continue
+                    environ = (proc / "environ").read_bytes().split(b"\0")
                 except (OSError, ValueError):
                     continue
-                if title.startswith("ray::slm:"):
+                if ours in environ:
                     os.kill(int(proc.name), signal.SIGKILL)
                     killed.append(title)
                     return
@@ -103,7 +108,7 @@ def test_corpus_stages_on_two_ray_nodes_write_the_same_files_as_local(tmp_path, 
         if run == "local":
             found[run], _ = run_until(profile, "shard", ["runtime.executor=local"])
             continue
-        with killing_one_unit() as killed:
+        with killing_one_unit(cluster) as killed:
             found[run], _ = run_until(profile, "shard", ["runtime.executor=ray", f"runtime.ray_address={cluster.address}"])
         assert killed, "no unit was seen running"
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the run was on the two-node cluster

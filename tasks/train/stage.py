@@ -221,8 +221,9 @@ def run_training(spec: dict, cfg, work: Path, out, error=TrainStageError, extra_
     etc. (out.nnodes, ...). Returns (final checkpoint, metric records, resumed-from name); raises
     `error` when training was stopped (checkpoint saved, rerun resumes) or failed (its log's end)."""
     from tasks.train.checkpoint import checkpoint_step, latest_checkpoint
-    from tasks.train.engine import EXIT_STOPPED, read_metrics
+    from tasks.train.engine import EXIT_STOPPED
     from tasks.train.launch import Nodes, run_engine
+    from tasks.train.metrics import read_metrics
 
     nproc = cfg.nproc if nproc is None else nproc
     work.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,24 @@ class RuntimeSettings(Strict):
     # With executor ray: `auto` (the cluster this machine belongs to), `host:port` (its GCS),
     # `ray://host:port` (Ray Client), or None for a one-machine Ray started on demand.
     ray_address: str | None = None
+    # Training on several machines (torchrun's static rendezvous; each node runs the stage's nproc
+    # processes). Every node runs the same `slm run` with its own node_rank: node 0 trains, commits
+    # and runs every other stage; a node K > 0 only joins the training engines node 0 starts (its
+    # working directory must be the same shared folder: store.root on a shared mount, docs/scale.md).
+    nnodes: int = Field(1, ge=1, le=1024)
+    node_rank: int = Field(0, ge=0)
+    rdzv_endpoint: str | None = None  # "host:port" of node 0, reachable from every node
+
+    @model_validator(mode="after")
+    def _nodes(self):
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"runtime.node_rank {self.node_rank} must be below runtime.nnodes {self.nnodes}")
+        if self.nnodes > 1:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"runtime.nnodes {self.nnodes} needs runtime.rdzv_endpoint: node 0's "
+                                 f"'host:port' where torchrun listens (got {self.rdzv_endpoint!r})")
+        return self
 
 
 # --- sources: what goes into the pipeline -------------------------------------------------

@@ -73,6 +73,9 @@ class ArtifactDir:
     workers: int = 1
     executor: str = "local"  # runtime.executor: where tasks.corpus.parallel runs the units
     ray_address: str | None = None  # runtime.ray_address (executor ray)
+    nnodes: int = 1  # runtime.nnodes, node_rank, rdzv_endpoint: where training's torchrun joins (launch.Nodes)
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
     metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
     logged: list[str] = field(default_factory=list)  # artifact files to copy to the MLflow run
 
@@ -84,6 +87,12 @@ class ArtifactDir:
     def save_progress(self, rel: str) -> None:
         """Make one finished file durable so a restarted run keeps it (no-op for local roots)."""
         self.store._upload_partial(self, rel)
+
+    def fetch_progress(self, rel: str) -> None:
+        """Copy one finished file that a worker on another machine wrote to the store's partial work
+        into this working directory (remote roots; a local root is the working directory itself)."""
+        if not self.store.is_local:
+            self.store._fetch_partial(self, rel)
 
     def has_progress(self, rel: str) -> bool:
         return (self.path / rel).exists()
@@ -296,14 +305,19 @@ class ArtifactStore:
                 self.fs.makedirs(self.fs_root, exist_ok=True)
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm(probe)
-        except (OSError, PermissionError) as err:
-            raise ArtifactError(
-                f"artifact root {self.root} is not writable ({err}). Fix its permissions or set "
-                f"store.root in the profile (or SLM_HOME) to a writable place."
-            ) from None
+        except Exception as err:  # noqa: BLE001 - object stores raise their own kinds (e.g. botocore's NoCredentialsError)
+            if self.is_local and not isinstance(err, OSError):
+                raise
+            fix = ("Fix its permissions or set store.root in the profile (or SLM_HOME) to a writable place."
+                   if self.is_local else
+                   "Check store.root and the credentials in this process's environment (for S3: "
+                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role; AWS_ENDPOINT_URL "
+                   "for an S3-compatible server), or set store.root to a local folder.")
+            raise ArtifactError(f"artifact root {self.root} is not writable ({type(err).__name__}: {err}). {fix}") from None
 
     def begin(self, stage: str, key: str, workers: int = 1, executor: str = "local",
-              ray_address: str | None = None) -> ArtifactDir:
+              ray_address: str | None = None, nnodes: int = 1, node_rank: int = 0,
+              rdzv_endpoint: str | None = None) -> ArtifactDir:
         """Open the working directory for a stage run, with any earlier partial work in it."""
         if self.is_local:
             path = Path(self._partial(stage, key))
@@ -325,7 +339,20 @@ class ArtifactStore:
                         local.parent.mkdir(parents=True, exist_ok=True)
                         self.fs.get_file(file, str(local))
         return ArtifactDir(stage=stage, key=key, path=path, store=self, workers=workers,
-                           executor=executor, ray_address=ray_address)
+                           executor=executor, ray_address=ray_address, nnodes=nnodes, node_rank=node_rank,
+                           rdzv_endpoint=rdzv_endpoint)
+
+    def partial_path(self, stage: str, key: str) -> str:
+        """The stage's partial work in the store (an fsspec path of self.fs): remote workers write there."""
+        return self._partial(stage, key)
+
+    def _fetch_partial(self, out: ArtifactDir, rel: str) -> None:
+        """Download one file a remote worker wrote to the partial work (temp name, then rename)."""
+        local = out.path / rel
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(local.name + ".fetch")
+        self.fs.get_file(f"{self._partial(out.stage, out.key)}/{rel}", str(tmp))
+        os.replace(tmp, local)
 
     def _upload_partial(self, out: ArtifactDir, rel: str) -> None:
         if self.is_local:

@@ -7,7 +7,9 @@ run_stage(stage, profile, inputs, store, tracker, parent_run_id) -> Manifest
      corrupt manifest) is reported, moved aside to `<key>.broken-<time>` and recomputed;
   3. check the inputs (the upstream artifacts) the same way: a broken input fails the stage
      before it reads anything, naming the artifact, the file and the command that repairs it;
-  4. otherwise open the working dir (with any partial work from an earlier, killed run),
+  4. on a training node K > 0 (runtime.node_rank), join node 0's training and return its manifest
+     (tasks/train/nodes.py);
+  5. otherwise open the working dir (with any partial work from an earlier, killed run),
      call `stage.run(config, inputs, out)`, hash the files, commit with the manifest last.
 The MLflow nested run, timing, library versions and counts are added here, so a stage
 module holds only what is its own. Secrets never pass this point: the key, the manifest and MLflow
@@ -174,9 +176,16 @@ def run_stage(
         return existing
     repaired = broken or repaired
     check_inputs(stage, inputs, store, profile)
+    runtime = profile.runtime
+    if runtime.node_rank > 0:  # a training node K > 0: joins node 0's engines, computes and commits nothing
+        from tasks.train.launch import Nodes
+        from tasks.train.nodes import join_stage
 
-    out = store.begin(stage.name, key, workers=profile.runtime.workers, executor=profile.runtime.executor,
-                      ray_address=profile.runtime.ray_address)
+        return join_stage(stage.name, key, store, Nodes(runtime.nnodes, runtime.node_rank, runtime.rdzv_endpoint))
+
+    out = store.begin(stage.name, key, workers=runtime.workers, executor=runtime.executor,
+                      ray_address=runtime.ray_address, nnodes=runtime.nnodes, node_rank=runtime.node_rank,
+                      rdzv_endpoint=runtime.rdzv_endpoint)
     run_id = tracker.stage_run(parent_run_id, stage.name, key, shown, system_metrics=stage.group == "train") \
         if tracker else None
     if tracker and run_id and repaired:

@@ -24,13 +24,15 @@ Determinism the same upstream artifacts and settings give byte-identical shards:
         choice is a hash of (seed, position), the in-bucket order a seeded permutation,
         nothing depends on timing, batching or thread count.
 Resume  pass 1 records the bucket files' sizes after each upstream file (`_work/pass1.json`)
-        and a restart truncates them there and goes on with the next file; pass 2 writes each
-        shard under a temporary name and renames it, so a shard that exists is complete and
-        is skipped (per-shard resume; shards are uploaded as progress on remote stores).
+        and a restart truncates them there and goes on with the next file. Pass 2 is one unit
+        of work per bucket (tasks.corpus.parallel: runtime.workers processes, or Ray tasks with
+        runtime.executor ray), resumed bucket by bucket from the units' markers; inside a
+        bucket each shard is written under a temporary name and renamed, so a shard that
+        exists is complete and is skipped (shards are uploaded as progress on remote stores).
 Memory  pass 1: one upstream row group, two batches of encodings in flight (~100 B per
         token while the Rust encodings live) and `buffer_mb` of bucket buffers; pass 2: one
-        bucket (about one shard) twice over, plus a row group being written. Neither grows
-        with the corpus (benchmarks/shard.py measures it).
+        bucket (about one shard) twice over per worker, plus a row group being written.
+        Neither grows with the corpus (benchmarks/shard.py measures it).
 Disk    the bucket files in the scratch folder: 2 bytes per token and 4 per document (an
         uncompressed copy of the corpus' ids), dropped at commit.
 Fails   when the tokenizer has 65536 tokens or more (uint16 ids; names the setting to fix),
@@ -62,6 +64,7 @@ from tasks.progress import Progress
 from tasks.registry import Stage, StageResult
 from tasks.chat_data import EOS
 from tasks.corpus.documents import document_files
+from tasks.corpus.parallel import Unit, run_units
 from tasks.corpus.positions import mix64
 
 STAGE_VERSION = 1
@@ -319,37 +322,51 @@ def shard_stats(path: Path) -> tuple[int, int]:
     return int(meta[DOCS_KEY]), int(meta[TOKENS_KEY])
 
 
+def bucket_order(bucket: int, lens: np.ndarray, cfg: ShardSettings) -> tuple[np.ndarray, np.ndarray]:
+    """A bucket's permutation of its documents and the cuts of that order into shards."""
+    perm = np.random.default_rng([cfg.seed, 0x5EED, bucket]).permutation(len(lens))
+    return perm, shard_cuts(lens[perm], cfg.shard_mb * 1e6)
+
+
+def bucket_unit(args: dict) -> dict:
+    """One unit of pass 2: permute one bucket and write its shards (those not written yet; a
+    shard is written under a temporary name and renamed). Runs in a worker."""
+    cfg = ShardSettings.model_validate(args["settings"])
+    out, folder, b = Path(args["out"]), Path(args["buckets"]), args["bucket"]
+    lens = np.fromfile(folder / f"{b:05d}.len", dtype=np.uint32).astype(np.int64)
+    perm, cuts = bucket_order(b, lens, cfg)
+    rels = [f"{args['split']}/{args['first'] + i:05d}.parquet" for i in range(len(cuts) - 1)]
+    missing = [i for i, rel in enumerate(rels) if not (out / rel).exists()]
+    if missing:
+        ids = np.fromfile(folder / f"{b:05d}.ids", dtype=np.uint16)
+        ends = np.cumsum(lens)
+        for i in missing:
+            docs = perm[cuts[i]:cuts[i + 1]]
+            values = np.concatenate([ids[e - n:e] for e, n in zip(ends[docs].tolist(), lens[docs].tolist())])
+            write_shard(out / rels[i], values, lens[docs], cfg.row_group_tokens)
+    return {"files": rels, "shards": [[rel, *shard_stats(out / rel)] for rel in rels]}
+
+
 def pass_two(plan: Plan, cfg: ShardSettings, work: Path, out) -> list[dict]:
-    """Write every shard (skipping those a killed run finished). Returns the shard list."""
-    shards: list[dict] = []
+    """Write every shard, one unit per bucket (tasks.corpus.parallel: local workers or Ray tasks,
+    resumed bucket by bucket). The shards' numbers are planned here from the buckets' document
+    lengths alone, so a unit needs nothing from another. Returns the shard list."""
     folder = work / "buckets"
-    bar = Progress("shard: shuffle+write", sum(plan.buckets.values()), unit="bucket")
+    units, settings = [], cfg.model_dump()
     for split in SPLITS:
         number = 0
         for b in plan.bucket_ids(split):
-            bar.update(1)
             lens = np.fromfile(folder / f"{b:05d}.len", dtype=np.uint32).astype(np.int64)
             if len(lens) == 0:
                 continue
-            perm = np.random.default_rng([cfg.seed, 0x5EED, b]).permutation(len(lens))
-            cuts = shard_cuts(lens[perm], cfg.shard_mb * 1e6)
-            rels = [f"{split}/{number + i:05d}.parquet" for i in range(len(cuts) - 1)]
-            number += len(rels)
-            missing = [i for i, rel in enumerate(rels) if not (out.path / rel).exists()]
-            if missing:
-                ids = np.fromfile(folder / f"{b:05d}.ids", dtype=np.uint16)
-                ends = np.cumsum(lens)
-                for i in missing:
-                    docs = perm[cuts[i]:cuts[i + 1]]
-                    values = np.concatenate([ids[e - n:e] for e, n in zip(ends[docs].tolist(), lens[docs].tolist())])
-                    write_shard(out.path / rels[i], values, lens[docs], cfg.row_group_tokens)
-                    out.save_progress(rels[i])
-                del ids
-            for rel in rels:
-                n_docs, n_tokens = shard_stats(out.path / rel)
-                shards.append({"path": rel, "split": split, "docs": n_docs, "tokens": n_tokens})
-    bar.close()
-    return shards
+            _, cuts = bucket_order(b, lens, cfg)
+            units.append(Unit(f"{b:05d}", {"bucket": b, "split": split, "first": number, "settings": settings,
+                                           "buckets": str(folder), "out": str(out.path),
+                                           "size": 2 * int(lens.sum())}))
+            number += len(cuts) - 1
+    results = run_units(out, "shard-write", units, bucket_unit, desc="shard: shuffle+write")
+    return [{"path": rel, "split": rel.split("/", 1)[0], "docs": docs, "tokens": tokens}
+            for unit in units for rel, docs, tokens in results[unit.name]["shards"]]
 
 
 def run(cfg: ShardSettings, inputs: dict, out) -> StageResult:

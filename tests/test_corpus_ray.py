@@ -1,10 +1,15 @@
 """runtime.executor ray: the corpus stages on a real local Ray cluster (a head and a second worker
-node, one CPU each, on 127.0.0.1) write the same files as the local executor; a unit whose worker
-dies is rerun by Ray; a wrong address fails in seconds naming the setting."""
+node, one CPU each, on 127.0.0.1) write the same files as the local executor, with the store in a
+folder or in an S3 bucket (moto's server), and with a worker killed mid-stage; a unit whose worker
+dies is rerun by Ray; a driver killed with kill -9 resumes from the unit markers; a wrong address,
+a worker killed at every attempt and a store the workers cannot write fail naming what to change."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,13 +34,23 @@ from test_corpus_parallel import STAGES, corpus
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    made = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
-    try:
+def cluster(moto_endpoint, tmp_path_factory):
+    """Two nodes whose environment holds credentials for moto's S3 (as a cluster's nodes would for
+    their bucket) and a scratch folder for the units that run through the store."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in S3_ENV.items():
+            env.setenv(name, value)
+        env.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+        scratch = tmp_path_factory.mktemp("ray-workers")
+        env.setenv("SLM_WORKER_DIR", str(scratch))
+        made = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
         made.add_node(**NODE)
+        made.worker_dir = scratch
+    try:
         made.wait_for_nodes(timeout=120)
         yield made
     finally:
@@ -43,25 +58,75 @@ def cluster():
         made.shutdown()
 
 
-def test_corpus_stages_on_two_ray_nodes_write_the_same_files_as_local(tmp_path, cluster):
+@contextlib.contextmanager
+def killing_one_unit(cluster):
+    """SIGKILL the first worker of this cluster seen running one of our units (Ray titles a worker
+    process `ray::<task name>` while it runs a task, and our units are named `slm:<unit>`; the
+    cluster's processes carry its SLM_WORKER_DIR, so another test session's Ray is left alone);
+    yields the list that receives the killed unit's title."""
+    killed: list[str] = []
+    stop = threading.Event()
+    ours = f"SLM_WORKER_DIR={cluster.worker_dir}".encode()
+
+    def hunt():
+        while not stop.is_set() and not killed:
+            for proc in Path("/proc").iterdir():
+                try:
+                    title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+                    if not title.startswith("ray::slm:"):
+                        continue
+                    environ = (proc / "environ").read_bytes().split(b"\0")
+                except (OSError, ValueError):
+                    continue
+                if ours in environ:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    killed.append(title)
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=hunt, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def test_corpus_stages_on_two_ray_nodes_write_the_same_files_as_local(tmp_path, cluster, s3):
+    """extract -> shard with the local executor, and on the two Ray nodes with the store in an S3
+    bucket (moto's server) and one unit's worker SIGKILLed mid-stage: the units read their inputs
+    from the bucket and upload their files to it, never this machine's paths; Ray reruns the killed
+    unit; both runs write the same files. (Ray with the store in a shared folder is the same code
+    path minus the transfers: the unit tests below use it.)"""
     sources = corpus(tmp_path)
     found = {}
-    for executor in ("local", "ray"):
-        profile = write_profile(tmp_path, sources, stages={"extract": {"shard_mb": 0.3}}, workers=1,
-                                name=executor, root=str(tmp_path / f"store-{executor}"))
-        overrides = [f"runtime.executor={executor}"]
-        if executor == "ray":
-            overrides.append(f"runtime.ray_address={cluster.address}")
-        found[executor], _ = run_until(profile, "dedup", overrides)
+    for run, root in {"local": str(tmp_path / "store-local"), "ray": s3.url("store")}.items():
+        profile = write_profile(tmp_path, sources, workers=1, name=run, root=root, stages={
+            "extract": {"shard_mb": 0.3}, "tokenizer": {"vocab_size": 512, "sample_chars": 100_000},
+            "shard": {"shard_mb": 0.05, "val_fraction": 0.05}})
+        if run == "local":
+            found[run], _ = run_until(profile, "shard", ["runtime.executor=local"])
+            continue
+        with killing_one_unit(cluster) as killed:
+            found[run], _ = run_until(profile, "shard", ["runtime.executor=ray", f"runtime.ray_address={cluster.address}"])
+        assert killed, "no unit was seen running"
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the run was on the two-node cluster
-    for stage in STAGES:
+    for stage in (*STAGES, "tokenizer", "shard"):
         local, on_ray = found["local"][stage], found["ray"][stage]
-        assert local.key == on_ray.key, stage  # the executor is not part of the cache key
+        assert local.key == on_ray.key, stage  # neither executor nor store is part of the cache key
         files = {f.path: f.sha256 for f in local.files if not f.path.startswith("report.")}
         assert files == {f.path: f.sha256 for f in on_ray.files if not f.path.startswith("report.")}, stage
         assert local.counts == on_ray.counts and local.dropped == on_ray.dropped, stage
-        assert sum(1 for path in files if path.startswith("docs/")) >= 4, stage
+        assert sum(1 for path in files if path.startswith(("docs/", "train/"))) >= 4 or stage == "tokenizer", stage
     assert found["ray"]["dedup"].extra["dedup"] == found["local"]["dedup"].extra["dedup"]
+    # every unit's files went through the bucket (the partial work, deleted at commit): the
+    # workers' scratch folders hold nothing of them any more, their caches the upstream files
+    scratch = cluster.worker_dir
+    assert sorted(p.name for p in (scratch / "work").iterdir()) == ["clean", "dedup", "extract", "normalize", "shard"]
+    assert not [p for p in (scratch / "work").rglob("*") if p.is_file()]
+    assert {p.name for p in (scratch / "cache").iterdir()} == {"download", "extract", "normalize", "clean"}
+    assert not [k for k in s3.keys("store/") if ".partial/" in k]
 
 
 def unit_whose_worker_dies_once(args: dict) -> dict:
@@ -114,6 +179,41 @@ def test_an_unreachable_ray_address_fails_in_seconds_naming_the_setting(tmp_path
     with pytest.raises(SlmError, match="runtime.ray_address"):
         run_units(out, "phase", [Unit("u0", {"name": "u0"})], unit_that_raises, "units")
     assert time.monotonic() - started < 30
+
+
+def unit_killed_by_the_system(args: dict) -> dict:
+    """What the kernel's OOM killer does to a worker: SIGKILL, at every attempt."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {"files": []}
+
+
+def test_a_unit_whose_worker_is_killed_at_every_attempt_fails_naming_what_to_change(tmp_path, cluster):
+    """Ray's own OutOfMemoryError cannot be provoked in bounded time on a shared machine (its monitor
+    acts at 95% of the node's memory); a worker SIGKILLed at each of its 4 attempts is what the
+    kernel's OOM killer leaves, and the stage fails naming the memory and the unit size to change."""
+    store = ArtifactStore(str(tmp_path / "store"), tmp_path)
+    out = store.begin("units-test", "6" * 64, executor="ray", ray_address=cluster.address)
+    with pytest.raises(SlmError, match=r"u0: the Ray worker running u0 died 4 times .*memory.*stages.extract.shard_mb"):
+        run_units(out, "phase", [Unit("u0", {"name": "u0"})], unit_killed_by_the_system, "units")
+    assert not (out.path / "_work" / "phase" / "u0.json").exists()
+
+
+def unit_that_writes_a_file(args: dict) -> dict:
+    path = Path(args["out"]) / f"{args['name']}.txt"
+    path.write_text("made on a worker", encoding="utf-8")
+    return {"files": [path.name]}
+
+
+def test_a_worker_that_cannot_write_the_store_fails_naming_store_root(tmp_path, cluster, s3):
+    """The bucket in store.root does not exist: the worker's upload fails, the stage fails naming
+    store.root and what every node needs; no marker, nothing in any bucket."""
+    root = f"s3://{s3.bucket}-typo/artifacts"
+    out = ArtifactStore(root, tmp_path).begin("units-test", "7" * 64, executor="ray", ray_address=cluster.address)
+    with pytest.raises(SlmError, match=f"u0: a Ray worker on .* could not upload u0's files through store.root "
+                                       f"{root} .*Every Ray node needs access to the store"):
+        run_units(out, "phase", [Unit("u0", {"name": "u0", "out": str(out.path)})], unit_that_writes_a_file, "units")
+    assert not (out.path / "_work" / "phase" / "u0.json").exists()
+    assert f"{s3.bucket}-typo" not in [b["Name"] for b in s3.client.list_buckets()["Buckets"]]
 
 
 def unit_that_counts_its_runs(args: dict) -> dict:

@@ -52,6 +52,10 @@ CASES = {
                         ["sources.w: Value error, url must start with http:// or https://, got 'ftp://e.org/a'"]),
     "hf files not a list": ("sources:\n  h:\n    kind: hf\n    repo: a/b\n    files: x.jsonl\n",
                             ["sources.h.files: Input should be a valid list"]),
+    "nodes without a rendezvous": ("runtime:\n  nnodes: 2\n",
+                                   ["runtime: Value error, runtime.nnodes 2 needs runtime.rdzv_endpoint"]),
+    "node rank out of range": ("runtime:\n  nnodes: 2\n  node_rank: 2\n  rdzv_endpoint: 10.0.0.1:29500\n",
+                               ["runtime.node_rank 2 must be below runtime.nnodes 2"]),
     "invalid yaml": ("sources:\n  a: [1\n", ["is not valid YAML", "line 3"]),
     "not a mapping": ("- just\n- a list\n", ["a profile must be a mapping of keys, got list"]),
 }

@@ -226,6 +226,25 @@ def test_missing_bucket_fails_clearly_and_is_not_created(s3, slm_home):
     assert s3.keys() == []  # and the probe was cleaned up
 
 
+def test_store_url_without_credentials_fails_naming_the_setting(s3, slm_home, tmp_path, monkeypatch):
+    """No key in the environment, no credentials file, no instance role: botocore's own error
+    becomes one that names store.root and the variables to set; nothing is written."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()  # s3fs keeps its filesystems, credentials and all
+    root = s3.url("artifacts")
+    with pytest.raises(ArtifactError, match=f"artifact root {root} is not writable \\(NoCredentialsError.*"
+                                            f"Check store.root and the credentials .*AWS_ACCESS_KEY_ID"):
+        ArtifactStore(root, slm_home).check_writable()
+    fsspec.filesystem("s3").clear_instance_cache()
+    assert s3.keys() == []
+
+
 # --- through the runner and the CLI ------------------------------------------------------------
 def local_profile(make_profile, tmp_path, root: str, name: str, files: dict[str, str]) -> Path:
     data = tmp_path / f"data-{name}"

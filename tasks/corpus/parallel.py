@@ -14,7 +14,8 @@ run_units(out, phase, units, fn, desc) -> {unit name: result}
           stage with the same key skips every unit that has a marker and reuses its result.
   Executor out.executor: "local" (below) or "ray": every pending unit is a Ray task on the
           cluster at out.ray_address (tasks/corpus/ray_units.py); markers, resume and failures
-          are the same, since both write them here, in the driver, through finish().
+          are the same, since both write them here, in the driver, through finish(). On an
+          object-store root the units read and write through the store, not this machine's paths.
   Workers (local) out.workers processes in all: this process is one of them, the other
           out.workers - 1 are a pool kept for the life of this process and reused by every
           phase of every stage (forkserver: no fork of a threaded parent; the server preloads
@@ -134,9 +135,14 @@ def run_units(out, phase: str, units: list[Unit], fn: Callable[[dict], dict], de
         else:
             pending.append(unit)
 
+    remote_workers = None  # executor ray on an object-store root: the units' files arrive in the store
+
     def finish(unit: Unit, result: dict) -> None:
         for rel in result.get("files", []):
-            out.save_progress(rel)
+            if remote_workers is None:
+                out.save_progress(rel)
+            else:
+                out.fetch_progress(rel)
         rel = marker_rel(phase, unit.name)
         path = out.path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,8 +159,9 @@ def run_units(out, phase: str, units: list[Unit], fn: Callable[[dict], dict], de
     try:
         workers = min(max(1, int(getattr(out, "workers", 1))), len(pending))
         if pending and getattr(out, "executor", "local") == "ray":
-            from tasks.corpus.ray_units import run_on_ray  # Ray is imported only when asked for
-            run_on_ray(out.ray_address, pending, fn, finish, errors, bar)
+            from tasks.corpus.ray_units import run_on_ray, store_context  # Ray is imported only when asked for
+            remote_workers = store_context(out, pending)
+            run_on_ray(out.ray_address, pending, fn, finish, errors, bar, remote_workers)
         elif workers <= 1:
             for unit in pending:
                 finish(unit, fn(unit.args))

@@ -3,8 +3,10 @@
     code = run_engine(config_path, workdir, nproc=1, on_poll=upload_new_checkpoints)
 
 The child runs `python -m tasks.train.engine --config <json>` (or
-`python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.train.engine ...`)
-in a session of its own (start_new_session=True): a terminal's Ctrl-C or a
+`python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.train.engine ...`,
+or, on one of several nodes (runtime.nnodes > 1), torchrun's static rendezvous:
+`--nnodes M --node-rank K --master-addr HOST --master-port PORT`, HOST:PORT being
+runtime.rdzv_endpoint, where node 0's torchrun listens) in a session of its own (start_new_session=True): a terminal's Ctrl-C or a
 signal to the stage's process group does not reach it directly; this module
 decides. Its pid is written to `<workdir>/engine.pid`.
 
@@ -26,12 +28,14 @@ never write the same checkpoints.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,11 +44,36 @@ _LOCK = threading.Lock()
 PID_FILE = "engine.pid"
 
 
-def engine_command(config_path: Path, nproc: int = 1) -> list[str]:
+@dataclass(frozen=True)
+class Nodes:
+    """Where this node stands among the training nodes (profile: runtime.nnodes, runtime.node_rank,
+    runtime.rdzv_endpoint "host:port" of node 0). Every node runs `nproc` processes."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+
+    def torchrun_args(self) -> list[str]:
+        if self.nnodes <= 1:
+            return ["--standalone"]
+        host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+        return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", f"--master-addr={host}",
+                f"--master-port={port}"]
+
+
+def engine_command(config_path: Path, nproc: int = 1, nodes: Nodes = Nodes()) -> list[str]:
     engine = ["-m", "tasks.train.engine", "--config", str(config_path)]
-    if nproc <= 1:
+    if nproc <= 1 and nodes.nnodes <= 1:
         return [sys.executable, *engine]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *engine]
+    return [sys.executable, "-m", "torch.distributed.run", *nodes.torchrun_args(), f"--nproc-per-node={nproc}",
+            *engine]
+
+
+JOIN_FILE = "torchrun-nodes.json"  # node 0 writes it beside run.json: what nodes K > 0 join (tasks/train/nodes.py)
+
+
+def pid_file(nodes: Nodes = Nodes()) -> str:
+    return PID_FILE if nodes.node_rank == 0 else f"engine-node{nodes.node_rank}.pid"
 
 
 def _project_root() -> Path:
@@ -82,13 +111,13 @@ def _is_engine(pid: int) -> bool:
     return b"tasks.train.engine" in cmdline
 
 
-def stop_leftover(workdir: Path, grace_seconds: float = 60.0) -> bool:
+def stop_leftover(workdir: Path, grace_seconds: float = 60.0, nodes: Nodes = Nodes()) -> bool:
     """Stop an engine still running from an earlier stage process (per engine.pid). True if one was."""
-    pid_file = Path(workdir) / PID_FILE
-    if not pid_file.exists():
+    path = Path(workdir) / pid_file(nodes)
+    if not path.exists():
         return False
     try:
-        pid = int(pid_file.read_text().strip())
+        pid = int(path.read_text().strip())
     except ValueError:
         return False
     if not (_alive(pid) and _is_engine(pid)):
@@ -146,6 +175,7 @@ def run_engine(
     poll_seconds: float = 2.0,
     grace_seconds: float = 60.0,
     log_path: Path | None = None,
+    nodes: Nodes = Nodes(),
 ) -> int:
     """Start the engine, wait for it (calling on_poll every poll_seconds), return its exit status.
 
@@ -154,15 +184,19 @@ def run_engine(
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    stop_leftover(workdir, grace_seconds)
+    stop_leftover(workdir, grace_seconds, nodes)
+    if nodes.nnodes > 1 and nodes.node_rank == 0:  # written anew by every attempt: the others join each one
+        join = {"config": str(config_path), "nproc": nproc, "nnodes": nodes.nnodes, "rdzv_endpoint": nodes.rdzv_endpoint}
+        (workdir / (JOIN_FILE + ".tmp")).write_text(json.dumps(join))
+        os.replace(workdir / (JOIN_FILE + ".tmp"), workdir / JOIN_FILE)
     out = open(log_path, "ab") if log_path else None
     proc = subprocess.Popen(
-        engine_command(config_path, nproc), cwd=str(_project_root()), env=_env(), start_new_session=True,
+        engine_command(config_path, nproc, nodes), cwd=str(_project_root()), env=_env(), start_new_session=True,
         stdout=out, stderr=subprocess.STDOUT if out else None,
     )
     with _LOCK:
         _RUNNING[proc.pid] = proc
-    (workdir / PID_FILE).write_text(str(proc.pid))
+    (workdir / pid_file(nodes)).write_text(str(proc.pid))
     previous = None
     if threading.current_thread() is threading.main_thread():
         def _raise(signum, frame):

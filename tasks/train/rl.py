@@ -181,7 +181,10 @@ def rl_run(cfg: RlSettings, inputs: dict, out, stage: str, upstream_policy: str,
                                cfg.max_new_tokens, cfg.eval_samples, cfg.temperature, cfg.seed + 1)
 
     before = evaluate(init_dir)
-    final, records, resumed = run_training(spec, cfg, work, out, error=RlError, extra_metrics=RL_METRICS)
+    from tasks.train.launch import Nodes
+
+    # one process on node 0 whatever runtime.nnodes says: the other nodes wait for this stage's artifact
+    final, records, resumed = run_training(spec, cfg, work, out, error=RlError, extra_metrics=RL_METRICS, nodes=Nodes())
     export_fn(final, tok_dir, out)
     after = evaluate(out.path / "hf")
     out.log_metrics({f"heldout_{k}": v for k, v in after.items()}, step=cfg.steps)

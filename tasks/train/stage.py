@@ -319,16 +319,17 @@ METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "va
 
 
 def run_training(spec: dict, cfg, work: Path, out, error=TrainStageError, extra_metrics: tuple[str, ...] = (),
-                 nproc: int | None = None, poll_seconds: float = 1.0) -> tuple[Path, list[dict], str | None]:
+                 nproc: int | None = None, poll_seconds: float = 1.0, nodes=None) -> tuple[Path, list[dict], str | None]:
     """Write run.json, run the engine child (resuming from work/checkpoints) on `nproc` processes
     (default cfg.nproc), log its metrics (and the objective's stats named in extra_metrics) to the
-    stage's MLflow run. Returns (final checkpoint, metric records, resumed-from name); raises
+    stage's MLflow run. `nodes` (launch.Nodes): the machines it trains on, default the profile's runtime.nnodes
+    etc. (out.nnodes, ...). Returns (final checkpoint, metric records, resumed-from name); raises
     `error` when training was stopped (checkpoint saved, rerun resumes) or failed (its log's end)."""
     from tasks.progress import publish_markdown, publish_table, say
     from tasks.train.checkpoint import checkpoint_step, latest_checkpoint
     from tasks.train.engine import EXIT_STOPPED
+    from tasks.train.launch import Nodes, run_engine
     from tasks.train.metrics import read_metrics
-    from tasks.train.launch import run_engine
 
     nproc = cfg.nproc if nproc is None else nproc
     work.mkdir(parents=True, exist_ok=True)
@@ -340,7 +341,8 @@ def run_training(spec: dict, cfg, work: Path, out, error=TrainStageError, extra_
     watch = Watch(out, work, log, stage, cfg.steps, checkpoint_step(resumed) if resumed else 0)
     try:
         code = run_engine(work / "run.json", work, nproc=nproc, on_poll=watch, poll_seconds=poll_seconds,
-                          grace_seconds=cfg.grace_seconds, log_path=log)
+                          grace_seconds=cfg.grace_seconds, log_path=log,
+                          nodes=nodes or Nodes(out.nnodes, out.node_rank, out.rdzv_endpoint))
     finally:
         watch.close()
     history = read_metrics(work / "metrics.jsonl")

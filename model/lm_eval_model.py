@@ -34,9 +34,11 @@ class SlmLM(TemplateLM):
         self.model, self.tok, self._device = model, tokenizer, torch.device(device)
         self.max_length, self.logits_budget = max_length, logits_budget
         eos = eos_token_id if eos_token_id is not None else model.config.extra.get("eos_token_id")
-        if eos is None:
-            raise ValueError("SlmLM needs the model's end-of-text token id (config extra eos_token_id)")
-        self._eot = int(eos)
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if not isinstance(eos, int):
+            raise ValueError(f"SlmLM needs the model's end-of-text token id (config extra eos_token_id: {eos!r}); "
+                             f"pass eos_token_id")
+        self._eot = eos
         self.truncated = 0  # loglikelihood requests whose context was cut to the window
 
     @property

@@ -206,7 +206,9 @@ def evaluate_model(name: str, path: Path, cfg: EvalConfig, benches: list[Benchma
         result.update(heldout_loss(model, rows, device))
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok.encode_special_tokens = True  # benchmark text is text, even where it spells a special token
-    lm = SlmLM(model, tok, device, max_len, cfg.logits_budget)
+    hf_tok = AutoTokenizer.from_pretrained(str(path))
+    eos = mcfg.extra.get("eos_token_id")
+    lm = SlmLM(model, tok, device, max_len, cfg.logits_budget, eos if eos is not None else hf_tok.eos_token_id)
     result["benchmarks"] = {}
     for bench in benches:
         result["benchmarks"][bench.name] = {
@@ -214,7 +216,6 @@ def evaluate_model(name: str, path: Path, cfg: EvalConfig, benches: list[Benchma
     if named is not None:
         result["tasks"] = task_metrics(evaluate(lm, named))
     if cfg.prompts:
-        hf_tok = AutoTokenizer.from_pretrained(str(path))
         result["generations"] = generate(model, hf_tok, cfg.prompts, cfg.max_new_tokens, chat, device,
                                          cfg.repetition_penalty)
     return result

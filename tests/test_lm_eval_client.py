@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+
 from app_server import serving
 from chat_support import make_model_dir, make_tokenizer_dir
-
 from serve.api import ServeConfig, create_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

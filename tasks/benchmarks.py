@@ -28,6 +28,7 @@ evaluate(lm, tasks)  lm-eval's evaluate on it, samples logged; task_metrics(resu
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -143,7 +144,11 @@ def load_benchmark(name: str, folder: str, max_per_subject: int = 0) -> Benchmar
 
 
 def task_name(bench: str, subject: str, k: int) -> str:
-    return re.sub(r"[^0-9A-Za-z_]", "_", f"slm_{bench}_{subject}_{k}shot")
+    """slm_<bench>_<subject>_<k>shot; characters other than ASCII letters, digits and _ become _, and
+    then a hash of the original keeps names of different subjects (Chinese file names) apart."""
+    raw = f"slm_{bench}_{subject}_{k}shot"
+    name = re.sub(r"[^0-9A-Za-z_]", "_", raw)
+    return name if name == raw else f"{name}_{hashlib.sha256(raw.encode()).hexdigest()[:8]}"
 
 
 def prompt_of(q: Question) -> str:

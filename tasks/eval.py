@@ -25,9 +25,9 @@ Held-out  the first `val_tokens` tokens of the validation split (whole documents
         reported val_loss for the same settings. Bits per byte = total nats / ln 2 / UTF-8 bytes of the
         decoded documents. (Our own code: lm-eval has no measure over the pipeline's token shards.)
 Benchmarks  C-Eval / CMMLU CSV folders (layouts and prompt in tasks/benchmarks.py), written as lm-eval
-        task files (one task per subject and shot count, local JSON lines) into a temporary folder and
-        run with lm-eval's simple_evaluate on the model in-process (model/lm_eval_model.py: SlmLM,
-        batched forwards on the stage's device). Accuracy is lm-eval's `acc` (the option letter of
+        task files (one task per subject and shot count, local JSON lines) into a temporary folder,
+        loaded once by lm-eval's TaskManager and run with lm_eval.evaluator.evaluate on each model
+        in-process (model/lm_eval_model.py: SlmLM, batched forwards on the stage's device). Accuracy is lm-eval's `acc` (the option letter of
         highest log-likelihood) per subject, over all questions (`acc`) and averaged over subjects
         (`subject_avg`). A prompt longer than the model's context keeps its end (lm-eval's rule;
         `truncated` counts the choices scored so). Other lm-eval tasks run as their YAML says.
@@ -187,34 +187,42 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bo
 # --------------------------------------------------------------------------- one model, all measures
 
 
+def lm_eval_model(model, mcfg, path: Path, hf_tok, max_len: int, cfg: EvalConfig, device):
+    """The model as an lm-eval LM (model.lm_eval_model.SlmLM) with the HF directory's tokenizer."""
+    from tokenizers import Tokenizer
+
+    from model.lm_eval_model import SlmLM
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.encode_special_tokens = True  # benchmark text is text, even where it spells a special token
+    eos = mcfg.extra.get("eos_token_id")
+    return SlmLM(model, tok, device, max_len, cfg.logits_budget, eos if eos is not None else hf_tok.eos_token_id)
+
+
 def evaluate_model(name: str, path: Path, cfg: EvalConfig, benches: list[Benchmark], tasks: dict, rows_for,
                    device, chat: bool = False, named: dict | None = None) -> dict:
     """Every measure for one HF directory. tasks: (bench name, k) -> (load_tasks dict, task names) of
     write_tasks' files; named: load_tasks of cfg.lm_eval_tasks (None: none); rows_for(seq_len) ->
     ValidationRows or None."""
-    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from model.lm_eval_model import SlmLM
     from tasks.train.heldout import heldout_loss
 
     model, mcfg = load_model(path, device)
     max_len = cfg.seq_len or mcfg.max_seq_len
-    result: dict = {"model": name, "params": sum(p.numel() for p in model.parameters()), "max_len": max_len}
+    result: dict = {"model": name, "params": sum(p.numel() for p in model.parameters()), "max_len": max_len,
+                    "benchmarks": {}}
     rows = rows_for(max_len)
     if rows is not None:
         result.update(heldout_loss(model, rows, device))
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tok.encode_special_tokens = True  # benchmark text is text, even where it spells a special token
     hf_tok = AutoTokenizer.from_pretrained(str(path))
-    eos = mcfg.extra.get("eos_token_id")
-    lm = SlmLM(model, tok, device, max_len, cfg.logits_budget, eos if eos is not None else hf_tok.eos_token_id)
-    result["benchmarks"] = {}
-    for bench in benches:
-        result["benchmarks"][bench.name] = {
-            str(k): run_benchmark(lm, bench, k, *tasks[(bench.name, k)], cfg.max_per_subject) for k in cfg.shots}
-    if named is not None:
-        result["tasks"] = task_metrics(evaluate(lm, named))
+    if benches or named is not None:  # lm-eval is imported only here (seconds)
+        lm = lm_eval_model(model, mcfg, path, hf_tok, max_len, cfg, device)
+        for bench in benches:
+            result["benchmarks"][bench.name] = {
+                str(k): run_benchmark(lm, bench, k, *tasks[(bench.name, k)], cfg.max_per_subject) for k in cfg.shots}
+        if named is not None:
+            result["tasks"] = task_metrics(evaluate(lm, named))
     if cfg.prompts:
         result["generations"] = generate(model, hf_tok, cfg.prompts, cfg.max_new_tokens, chat, device,
                                          cfg.repetition_penalty)

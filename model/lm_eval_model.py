@@ -15,7 +15,7 @@ with transformers' forward, not the one serve and the training engine use.
 Batching: the rows of a call are sorted by length and cut into batches of about `logits_budget` logit
 values (rows x longest row x vocab); requests whose scored rows are the same token sequence (every
 single-token choice of one multiple-choice question) share one row. A context longer than the model's
-window keeps its end (lm-eval's rule); `truncated` counts such requests.
+window keeps its end (lm-eval's rule).
 Memory: one batch of logits (logits_budget floats) plus the model.
 """
 from __future__ import annotations
@@ -39,7 +39,6 @@ class SlmLM(TemplateLM):
             raise ValueError(f"SlmLM needs the model's end-of-text token id (config extra eos_token_id: {eos!r}); "
                              f"pass eos_token_id")
         self._eot = eos
-        self.truncated = 0  # loglikelihood requests whose context was cut to the window
 
     @property
     def eot_token_id(self) -> int:
@@ -58,7 +57,6 @@ class SlmLM(TemplateLM):
         need = []  # per request: (row index, [(position, token)])
         for _, context, continuation in requests:
             whole = (context + continuation)[-(self.max_length + 1):]
-            self.truncated += len(context) + len(continuation) > self.max_length + 1
             row = tuple(whole[:-1])
             start = len(row) - len(continuation)
             need.append((rows.setdefault(row, len(rows)), [(start + j, t) for j, t in enumerate(continuation)]))

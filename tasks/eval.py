@@ -143,13 +143,21 @@ def load_model(path: Path, device):
 # --------------------------------------------------------------------------- benchmarks (lm-eval)
 
 
-def run_benchmark(lm, bench: Benchmark, k: int, tasks: dict, names: list[str], limit: int) -> dict:
-    """Accuracy of one model (an lm-eval LM) on one benchmark with k shots, through lm-eval on the tasks
-    write_tasks wrote (`names`, one per subject; `tasks` as load_tasks gives them); per-question
-    predictions included."""
-    before = lm.truncated
-    out = evaluate(lm, tasks, limit=limit or None)
-    predictions, subjects = [], {}
+def benchmark_tasks(benches: list[Benchmark], shots: list[int], work: Path) -> dict:
+    """Every benchmark at every shot count written as lm-eval tasks under `work` and loaded once:
+    {(bench name, k): task names, "loaded": load_tasks of them all} (only the names without benches)."""
+    tasks: dict = {(b.name, k): write_tasks(b, k, work / f"{b.name}-{k}shot") for b in benches for k in shots}
+    if benches:
+        tasks["loaded"] = load_tasks([work / f"{b}-{k}shot" for b, k in tasks],
+                                     [n for names in tasks.values() for n in names])
+    return tasks
+
+
+def run_benchmark(out: dict, lm, bench: Benchmark, k: int, names: list[str]) -> dict:
+    """Accuracy of one model on one benchmark with k shots from lm-eval's result `out` (evaluate with
+    samples logged) on the tasks write_tasks wrote (`names`, one per subject); per-question predictions
+    included, and how many choices lm (an SlmLM) scored on a prompt cut to its window."""
+    predictions, subjects, truncated = [], {}, 0
     for name, subject in zip(names, bench.subjects):
         samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
         for sample in samples:
@@ -158,12 +166,13 @@ def run_benchmark(lm, bench: Benchmark, k: int, tasks: dict, names: list[str], l
             predictions.append({"subject": subject, "row": doc["row"], "answer": doc["answer"],
                                 "predicted": predicted,
                                 **{f"logp_{c}": round(s, 4) for c, s in zip(LETTERS, scores)}})
+            truncated += sum(len(lm.tok_encode(ctx + cont)) > lm.max_length + 1 for ctx, cont in sample["arguments"])
         subjects[subject] = out["results"][name]["acc,none"]
     correct = sum(p["predicted"] == p["answer"] for p in predictions)
     return {
         "shots": k, "questions": len(predictions), "correct": correct, "acc": correct / len(predictions),
         "subject_avg": sum(subjects.values()) / len(subjects), "subjects": subjects,
-        "truncated": lm.truncated - before, "predictions": predictions,
+        "truncated": truncated, "predictions": predictions,
     }
 
 
@@ -201,9 +210,9 @@ def lm_eval_model(model, mcfg, path: Path, hf_tok, max_len: int, cfg: EvalConfig
 
 def evaluate_model(name: str, path: Path, cfg: EvalConfig, benches: list[Benchmark], tasks: dict, rows_for,
                    device, chat: bool = False, named: dict | None = None) -> dict:
-    """Every measure for one HF directory. tasks: (bench name, k) -> (load_tasks dict, task names) of
-    write_tasks' files; named: load_tasks of cfg.lm_eval_tasks (None: none); rows_for(seq_len) ->
-    ValidationRows or None."""
+    """Every measure for one HF directory. tasks: (bench name, k) -> task names from write_tasks, and
+    "loaded" -> load_tasks of all of them; named: load_tasks of cfg.lm_eval_tasks (None: none);
+    rows_for(seq_len) -> ValidationRows or None."""
     from transformers import AutoTokenizer
 
     from tasks.train.heldout import heldout_loss
@@ -218,9 +227,11 @@ def evaluate_model(name: str, path: Path, cfg: EvalConfig, benches: list[Benchma
     hf_tok = AutoTokenizer.from_pretrained(str(path))
     if benches or named is not None:  # lm-eval is imported only here (seconds)
         lm = lm_eval_model(model, mcfg, path, hf_tok, max_len, cfg, device)
-        for bench in benches:
-            result["benchmarks"][bench.name] = {
-                str(k): run_benchmark(lm, bench, k, *tasks[(bench.name, k)], cfg.max_per_subject) for k in cfg.shots}
+        if benches:  # every benchmark and shot count in one lm-eval run: one pass of batched forwards
+            out = evaluate(lm, tasks["loaded"], limit=cfg.max_per_subject or None)
+            for bench in benches:
+                result["benchmarks"][bench.name] = {
+                    str(k): run_benchmark(out, lm, bench, k, tasks[(bench.name, k)]) for k in cfg.shots}
         if named is not None:
             result["tasks"] = task_metrics(evaluate(lm, named))
     if cfg.prompts:
@@ -378,12 +389,7 @@ def run(cfg: EvalConfig, inputs: dict, out) -> StageResult:
 
     results = []
     with tempfile.TemporaryDirectory(prefix="slm-eval-tasks-") as work:  # task files + datasets' cache
-        tasks = {}
-        for b in benches:
-            for k in cfg.shots:
-                folder = Path(work) / f"{b.name}-{k}shot"
-                names = write_tasks(b, k, folder)
-                tasks[(b.name, k)] = (load_tasks(folder, names), names)
+        tasks = benchmark_tasks(benches, cfg.shots, Path(work))
         named = load_tasks([Path(f) for f in cfg.lm_eval_include], cfg.lm_eval_tasks) if cfg.lm_eval_tasks else None
         for stage in MODEL_STAGES:
             manifest = inputs[stage]

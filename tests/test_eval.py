@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_models import CMMLU, PRETRAIN, model_artifact, upstream  # noqa: E402
 
 from tasks.benchmarks import BenchmarkError, load_benchmark, load_tasks, write_tasks  # noqa: E402
-from tasks.eval import MODEL_STAGES, EvalConfig, evaluate_model, load_model  # noqa: E402
+from tasks.eval import MODEL_STAGES, EvalConfig, benchmark_tasks, evaluate_model, load_model  # noqa: E402
 from tasks.registry import all_stages  # noqa: E402
 from tasks.runner import open_tracker, run_stage  # noqa: E402
 
@@ -84,10 +84,7 @@ def test_cmmlu_dev_covers_all_subjects_and_random_weights_score_near_chance(up):
     # 5 questions, a question's shots are the others).
     cfg = EvalConfig(shots=[0, 5], prompts=[])
     whole = load_benchmark("cmmlu", str(CMMLU))
-    tasks = {}
-    for k in (0, 5):
-        names = write_tasks(whole, k, up.home / f"cmmlu-tasks-{k}")
-        tasks[("cmmlu", k)] = (load_tasks(up.home / f"cmmlu-tasks-{k}", names), names)
+    tasks = benchmark_tasks([whole], [0, 5], up.home / "cmmlu-tasks")
     result = evaluate_model("random", hf_dir(up, models["pretrain"]), cfg, [whole], tasks, lambda n: None,
                             torch.device("cpu"))
     for k in ("0", "5"):

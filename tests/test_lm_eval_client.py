@@ -51,14 +51,16 @@ def test_lm_eval_local_completions_equals_the_eval_stage(model_dir, tmp_path, mo
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a test extra (pip install -e .[test])")
     from lm_eval.tasks import TaskManager
 
-    from tasks.benchmarks import load_tasks, write_tasks
-    from tasks.eval import EvalConfig, evaluate_model
+    from tasks.benchmarks import task_name
+    from tasks.eval import EvalConfig, benchmark_tasks, evaluate_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     bench = small_cmmlu(model_dir, max_tokens=200)
     assert len(bench.questions) >= 20, "too few CMMLU dev questions fit the tiny model's context"
-    names = write_tasks(bench, 0, tmp_path / "tasks")
+    tasks = benchmark_tasks([bench], [0], tmp_path)  # the eval stage's task files, as it writes them
+    names = tasks[(bench.name, 0)]
+    assert names == [task_name(bench.name, s, 0) for s in sorted(SUBJECTS)]
 
     app = create_app(model_dir, ServeConfig(max_queue=8), device="cpu")
     with serving(app) as url:
@@ -67,7 +69,7 @@ def test_lm_eval_local_completions_equals_the_eval_stage(model_dir, tmp_path, mo
             model_args={"base_url": f"{url}/v1/completions", "model": NAME, "tokenizer": str(model_dir),
                         "tokenizer_backend": "huggingface", "tokenized_requests": True, "max_length": 256,
                         "max_retries": 1, "timeout": 60},
-            tasks=names, task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+            tasks=names, task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
             batch_size=4, log_samples=True, bootstrap_iters=0,
         )
     samples = {(s["doc"]["subject"], s["doc"]["row"]): s for n in names for s in served["samples"][n]}
@@ -75,8 +77,7 @@ def test_lm_eval_local_completions_equals_the_eval_stage(model_dir, tmp_path, mo
     served_acc = sum(s["acc"] for s in samples.values()) / len(samples)
 
     stage = evaluate_model(NAME, model_dir, EvalConfig(shots=[0], prompts=[]), [bench],
-                           {(bench.name, 0): (load_tasks(tmp_path / "tasks", names), names)}, lambda n: None,
-                           torch.device("cpu"))["benchmarks"][bench.name]["0"]
+                           tasks, lambda n: None, torch.device("cpu"))["benchmarks"][bench.name]["0"]
     print(f"CMMLU dev, {len(samples)} questions: lm-eval through slm serve acc {served_acc:.4f}, "
           f"the eval stage's lm-eval run {stage['acc']:.4f}")
     assert stage["questions"] == len(samples) and served_acc == pytest.approx(stage["acc"], abs=1e-9)

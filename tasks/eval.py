@@ -86,7 +86,7 @@ class EvalSettings(Strict):
     max_per_subject: int = Field(0, ge=0)  # 0: every question of a subject
     # Any other lm-eval task or group, run as its YAML defines it (its own shots and metrics), from the
     # folders in lm_eval_include: task YAMLs whose datasets are local files (dataset_path json/csv/...
-    # with data_files); keep the data inside the folder, its files are what the key covers. Offline:
+    # with data_files as absolute paths); keep the data inside the folder, its files are what the key covers. Offline:
     # lm-eval's own catalogue (which downloads from the Hub) is not used.
     lm_eval_tasks: list[str] = Field(default_factory=list)
     lm_eval_include: list[str] = Field(default_factory=list)

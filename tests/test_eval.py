@@ -3,9 +3,11 @@ stages on real text, the real pretrain stage (tiny, CPU), and sft / dpo artifact
 random-weights models.
 
 Shows: CMMLU's dev set (../shared/data/eval/cmmlu-dev) is read whole (67 subjects, 335 questions)
-and a random model scores near chance (25%); the three model stages land in one comparison table;
-the option log-likelihoods equal stock transformers' on the same directory; the held-out loss
-equals the one the pretrain stage reported; report, plots and metrics reach the artifact and MLflow.
+and, through lm-eval, a random model scores near chance (25%); the model stages land in one
+comparison table; SlmLM's log-likelihoods (single, rolling) and greedy text equal stock transformers'
+and the engine's on the same directory; the held-out loss equals the one the pretrain stage reported;
+an lm-eval task a profile names runs from a local folder; report, plots and metrics reach the artifact
+and MLflow.
 """
 from __future__ import annotations
 
@@ -20,10 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_models import CMMLU, PRETRAIN, model_artifact, upstream  # noqa: E402
 
-from tasks.eval import (  # noqa: E402
-    MODEL_STAGES,
-    Benchmark, EvalConfig, EvalError, Question, choice_logprobs, evaluate_model, examples_for, load_benchmark,
-    load_model, prompt_text)
+from tasks.benchmarks import BenchmarkError, load_benchmark, load_tasks, write_tasks  # noqa: E402
+from tasks.eval import MODEL_STAGES, EvalConfig, benchmark_tasks, evaluate_model, load_model  # noqa: E402
 from tasks.registry import all_stages  # noqa: E402
 from tasks.runner import open_tracker, run_stage  # noqa: E402
 
@@ -80,51 +80,98 @@ def test_cmmlu_dev_covers_all_subjects_and_random_weights_score_near_chance(up):
     logged = {a.path for a in tracker.client.list_artifacts(manifest.mlflow_run_id)}
     assert {"report.md", "compare.png", "cmmlu_subjects.png", "generations.jsonl"} <= logged
 
-    # Near chance on the whole dev set (335 questions), 0 and 5 shots.
+    # Near chance on the whole dev set (335 questions), 0 and 5 shots (4: a flat folder's subject has
+    # 5 questions, a question's shots are the others).
     cfg = EvalConfig(shots=[0, 5], prompts=[])
     whole = load_benchmark("cmmlu", str(CMMLU))
-    result = evaluate_model("random", hf_dir(up, models["pretrain"]), cfg, [whole], lambda n: None, torch.device("cpu"))
+    tasks = benchmark_tasks([whole], [0, 5], up.home / "cmmlu-tasks")
+    result = evaluate_model("random", hf_dir(up, models["pretrain"]), cfg, [whole], tasks, lambda n: None,
+                            torch.device("cpu"))
     for k in ("0", "5"):
         r = result["benchmarks"]["cmmlu"][k]
         assert r["questions"] == 335 and len(r["subjects"]) == 67
         assert 0.15 < r["acc"] < 0.35, f"{k}-shot accuracy {r['acc']:.3f} of random weights is far from chance"
         assert len({p["predicted"] for p in r["predictions"]}) >= 3  # a guesser, not one letter throughout
-    assert result["benchmarks"]["cmmlu"]["5"]["shots_dropped"] == 0  # 5 shots fit the 1024-token context
+    assert result["benchmarks"]["cmmlu"]["5"]["truncated"] == 0  # 4 shots fit the 1024-token context
 
 
-def test_option_loglikelihoods_equal_transformers(up):
-    """Our scoring (shared forwards, padding, batching) against stock transformers on the same directory."""
+def test_slm_lm_equals_transformers_and_the_engine(up):
+    """lm-eval's three request kinds on our model (shared forwards, padding, batching, windows) against
+    stock transformers on the same directory, and greedy generation against the engine."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
+
+    from model.generate import Engine, SamplingParams
+    from model.lm_eval_model import SlmLM
 
     path = hf_dir(up, up.sft)
     model, _ = load_model(path, torch.device("cpu"))
     theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    qs = [Question("history", i, q, opts, "A") for i, (q, opts) in enumerate([
-        ("秦始皇统一六国是在哪一年", ("公元前221年", "公元前206年", "公元前230年", "公元前210年")),
-        ("下列哪一个是中国的四大发明之一", ("造纸术", "瓷器", "丝绸", "茶叶")),
-        ("长江流经的省份不包括", ("四川", "湖北", "江苏", "山西")),
-    ])]
-    bench = Benchmark("t", Path("."), "flat", qs, {"history": qs})
-    contexts = [tok.encode(prompt_text(q, examples_for(bench, q, 2)), add_special_tokens=False).ids for q in qs]
-    letters = [tok.encode(x, add_special_tokens=False).ids for x in "ABCD"]
-    texts = [tok.encode(t, add_special_tokens=False).ids for t in ("造纸术", "公元前221年", "湖北")]  # several tokens each
-    assert max(len(t) for t in texts) > 1
-    for choices in (letters, texts):
-        ours = choice_logprobs(model, contexts, choices, torch.device("cpu"), logits_budget=200_000)
-        for qi, ctx in enumerate(contexts):
-            for ci, ch in enumerate(choices):
-                with torch.no_grad():
-                    logp = torch.log_softmax(theirs(torch.tensor([ctx + ch])).logits[0].float(), dim=-1)
-                want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(ch))
-                assert ours[qi, ci] == pytest.approx(want, abs=2e-4)
+    lm = SlmLM(model, tok, "cpu", max_length=1024, logits_budget=200_000)
+
+    def logp_of(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(theirs(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    pairs = [("秦始皇统一六国是在", "公元前221年"), ("秦始皇统一六国是在", "A"), ("下列哪一个是中国的四大发明之一：", "造纸术"),
+             ("长江流经的省份不包括", "B")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        c, whole = lm.tok_encode(ctx), lm.tok_encode(ctx + cont)
+        logp = logp_of(whole)
+        want = sum(float(logp[i - 1, whole[i]]) for i in range(len(c), len(whole)))
+        assert ll == pytest.approx(want, abs=2e-4)
+        assert greedy == all(int(logp[i - 1].argmax()) == whole[i] for i in range(len(c), len(whole)))
+
+    text = "床前明月光，疑是地上霜。举头望明月，低头思故乡。春眠不觉晓，处处闻啼鸟。"
+    ids = lm.tok_encode(text)
+    lm.max_length = 12  # a short window: three or more of them
+    assert len(ids) > 2 * 12
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, lm.eot_token_id, 12, 1)]
+    want = 0.0
+    for ctx, cont in windows:  # lm-eval's windows, each scored by transformers
+        logp = logp_of(ctx + cont)
+        want += sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+    assert rolling == pytest.approx(want, abs=1e-3)
+    lm.max_length = 1024  # one window: the whole text after the end-of-text token
+    (whole,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    logp = logp_of([lm.eot_token_id] + ids)
+    assert whole == pytest.approx(sum(float(logp[i, t]) for i, t in enumerate(ids)), abs=1e-3)
+
+    prompt = "今天天气很好，"
+    (text_out,) = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": ["。"], "max_gen_toks": 8}), 0)])
+    engine = Engine(model, tok, device="cpu", dtype=torch.float32, stop_token_ids=[lm.eot_token_id])
+    assert text_out == engine.generate(lm.tok_encode(prompt), SamplingParams(max_new_tokens=8, temperature=0.0,
+                                                                             stop=["。"])).text
+    with pytest.raises(ValueError, match="greedily"):
+        lm.generate_until([Instance("generate_until", {}, (prompt, {"do_sample": True}), 0)])
 
 
-def test_heldout_loss_equals_pretrain_validation_and_models_compare(up):
-    """The demo default (no benchmark): held-out loss, bits per byte and generations of each model stage."""
+LINES = ["明月几时有，把酒问青天。不知天上宫阙，今夕是何年。", "大江东去，浪淘尽，千古风流人物。",
+         "寻寻觅觅，冷冷清清，凄凄惨惨戚戚。", "人生如梦，一尊还酹江月。"]
+
+
+def test_heldout_loss_equals_pretrain_validation_and_models_compare(up, tmp_path):
+    """Held-out loss, bits per byte and generations of each model stage, and an lm-eval task the profile
+    names (a rolling log-likelihood over Song ci lines from a local folder)."""
+    import yaml
+
+    tasks = tmp_path / "my-tasks"
+    tasks.mkdir()
+    (tasks / "ci.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in LINES),
+                                    encoding="utf-8")
+    (tasks / "ci.yaml").write_text(yaml.safe_dump({
+        "task": "song_ci_lines", "dataset_path": "json", "test_split": "test",
+        "dataset_kwargs": {"data_files": {"test": str(tasks / "ci.jsonl")}, "cache_dir": str(tmp_path / "cache")},
+        "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "text",
+        "metric_list": [{"metric": "bits_per_byte"}, {"metric": "word_perplexity"}]}, allow_unicode=True))
     profile = up.profile(eval={"val_tokens": PRETRAIN["eval_tokens"], "prompts": ["床前明月光，", "人工智能是"],
-                               "max_new_tokens": 12})
+                               "max_new_tokens": 12, "lm_eval_tasks": ["song_ci_lines"],
+                               "lm_eval_include": [str(tasks)]})
     manifest = run_stage(all_stages()["eval"], profile, up.models(), up.store)
     pretrain, sft, dpo = manifest.extra["models"][:3]  # then the later model stages (random weights here)
     final = up.pretrain.extra["final_val"]  # what the engine measured at the end of training
@@ -137,6 +184,11 @@ def test_heldout_loss_equals_pretrain_validation_and_models_compare(up):
     assert [(g["model"], g["prompt"]) for g in gens] == [
         (m, p) for m in MODEL_STAGES for p in ("床前明月光，", "人工智能是")]
     assert all(g["text"] for g in gens if g["model"] == "pretrain")
+    # the named task: lm-eval's bits per byte, the trained model below the random ones, in the table
+    ci = {m["model"]: m["tasks"]["song_ci_lines"] for m in manifest.extra["models"]}
+    assert set(ci) == set(MODEL_STAGES) and ci["pretrain"]["bits_per_byte"] < ci["sft"]["bits_per_byte"] - 0.5
+    report = (art / "report.md").read_text(encoding="utf-8")
+    assert "song_ci_lines bits_per_byte |" in report and f"{ci['dpo']['bits_per_byte']:.4f}" in report
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
@@ -160,23 +212,34 @@ def test_benchmark_layouts_shots_and_bad_rows(tmp_path):
     assert bench.layout == "dev+val" and bench.subjects == ["physics"]
     assert [q.question for q in bench.questions] == ["问题一", "问题四"] and bench.questions[1].answer == "D"
     assert bench.dropped == {"missing_field": 1, "no_answer": 1}
-    shots = examples_for(bench, bench.questions[0], 5)
-    assert [e.question for e in shots] == [f"例题{i}" for i in range(5)]
-    prompt = prompt_text(bench.questions[0], shots)
-    assert prompt.count("答案是：B\n\n") == 5 and prompt.endswith("题目：问题一\nA. 1\nB. 2\nC. 3\nD. 4\n答案是：")
+    # As lm-eval tasks: CMMLU's prompt with the first 5 dev questions as shots, exactly.
+    (name,) = write_tasks(bench, 5, tmp_path / "ceval-tasks")
+    task = load_tasks(tmp_path / "ceval-tasks", [name])["tasks"][name]
+    doc = next(iter(task.test_docs()))
+    shot = "".join(f"题目：例题{i}\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案是：B\n\n" for i in range(5))
+    assert task.fewshot_context(doc=doc, num_fewshot=task.config.num_fewshot) == (
+        "以下是关于physics的单项选择题，请直接给出正确答案的选项。\n\n" + shot + "题目：问题一\nA. 1\nB. 2\nC. 3\nD. 4\n答案是：")
+    assert task.doc_to_choice(doc) == ["A", "B", "C", "D"] and task.doc_to_target(doc) == 2
 
     flat = tmp_path / "flat"  # CMMLU's one-split layout: shots are the other questions of the same file
     _write_csv(flat / "law.csv", ["", "Question", "A", "B", "C", "D", "Answer"],
                [[str(i), f"题{i}", "a", "b", "c", "d", "A"] for i in range(4)])
     bench = load_benchmark("flat", str(flat))
-    assert [e.question for e in examples_for(bench, bench.questions[1], 3)] == ["题0", "题2", "题3"]
+    (name,) = write_tasks(bench, 5, tmp_path / "flat-tasks")
+    task = load_tasks(tmp_path / "flat-tasks", [name])["tasks"][name]
+    assert task.config.num_fewshot == 3  # 5 asked, 3 others in the file
+    prompt = task.fewshot_context(doc=list(task.test_docs())[1], num_fewshot=3)
+    assert [line for line in prompt.splitlines() if line.startswith("题目")] == ["题目：题0", "题目：题2", "题目：题3",
+                                                                                "题目：题1"]
+    with pytest.raises(BenchmarkError, match="no_such_task"):
+        load_tasks(tmp_path / "flat-tasks", ["no_such_task"])
 
-    with pytest.raises(EvalError, match=str(tmp_path / "nowhere")):
+    with pytest.raises(BenchmarkError, match=str(tmp_path / "nowhere")):
         load_benchmark("x", str(tmp_path / "nowhere"))
     _write_csv(tmp_path / "empty" / "a.csv", ["Question", "A", "B", "C", "D", "Answer"],
                [["q", "1", "2", "3", "4", ""]])
-    with pytest.raises(EvalError, match="no usable question"):
+    with pytest.raises(BenchmarkError, match="no usable question"):
         load_benchmark("empty", str(tmp_path / "empty"))
     _write_csv(tmp_path / "wrong" / "a.csv", ["Q", "opt1"], [["q", "1"]])
-    with pytest.raises(EvalError, match="lacks"):
+    with pytest.raises(BenchmarkError, match="lacks"):
         load_benchmark("wrong", str(tmp_path / "wrong"))

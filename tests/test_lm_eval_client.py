@@ -1,11 +1,11 @@
-"""lm-eval against `slm serve`: its `local-completions` model runs a multiple-choice task (CMMLU dev from
-../shared/data, written in lm-eval's task format, offline) through /v1/completions' echo + logprobs with
-token-id prompts, and gets the accuracy that scoring the same questions in-process with the model gives.
-Also the logprobs shapes themselves (legacy completions and chat) against a full forward of the model."""
+"""lm-eval against `slm serve`: its `local-completions` model runs CMMLU dev questions (../shared/data,
+written as lm-eval tasks by the eval stage's own writer, offline) through /v1/completions' echo +
+logprobs with token-id prompts, and gets the accuracy, and each choice's log-likelihood, that the eval
+stage's in-process lm-eval run (tasks.eval.evaluate_model, model.lm_eval_model.SlmLM) gets on the same
+model. Also the logprobs shapes themselves (legacy completions and chat) against a full forward."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -22,31 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
 CMMLU = REPO.parent / "shared" / "data" / "eval" / "cmmlu-dev"
 SUBJECTS = ["agronomy", "anatomy", "astronomy", "chinese_food_culture", "arts"]
-LETTERS = ["A", "B", "C", "D"]
 NAME = "tiny-mc"
-
-
-def prompt_of(row: dict) -> str:
-    """The task's doc_to_text (the YAML below says the same in Jinja)."""
-    return (f"{row['Question'].strip()}\nA. {row['A']}\nB. {row['B']}\nC. {row['C']}\nD. {row['D']}\n答案：")
-
-
-TASK_YAML = """\
-task: slm_cmmlu_dev
-dataset_path: csv
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{Question.strip()}}}}\\nA. {{{{A}}}}\\nB. {{{{B}}}}\\nC. {{{{C}}}}\\nD. {{{{D}}}}\\n答案："
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(Answer)}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
@@ -55,82 +31,59 @@ def model_dir(tmp_path_factory):
     return make_model_dir(base / NAME, make_tokenizer_dir(base / "tok"), seed=3)
 
 
-def questions(tokenizer, max_tokens: int, n: int) -> list[dict]:
-    """The first n CMMLU dev questions (over SUBJECTS) whose prompt + answer fits in max_tokens."""
-    rows = []
-    for subject in SUBJECTS:
-        with open(CMMLU / f"{subject}.csv", encoding="utf-8", newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row["Answer"] in LETTERS and len(tokenizer.encode(prompt_of(row) + " A")) <= max_tokens:
-                    rows.append({k: row[k] for k in ("Question", *LETTERS, "Answer")})
-    return rows[:n]
-
-
-def direct_scores(model_dir: Path, rows: list[dict]) -> list[list[float]]:
-    """Per question, the summed log-probability of each choice's continuation " X" after the prompt,
-    scored in-process with the model (lm-eval's split of context and continuation tokens:
-    encode(context + continuation) minus encode(context)). The highest is the model's answer (`acc`)."""
+def small_cmmlu(model_dir: Path, max_tokens: int):
+    """CMMLU dev over SUBJECTS, the questions whose zero-shot prompt + answer fit in max_tokens, as a
+    flat benchmark (each subject's shot pool: its kept questions)."""
     from transformers import AutoTokenizer
 
-    from model.hf import load_hf_dir
+    from tasks.benchmarks import Benchmark, header_of, load_benchmark, prompt_of
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model, _ = load_hf_dir(model_dir, dtype=torch.float32)
-    model.eval()
-    out = []
-    for row in rows:
-        context = prompt_of(row)
-        n_ctx = len(tok.encode(context, add_special_tokens=False))
-        scores = []
-        for letter in LETTERS:
-            whole = tok.encode(context + " " + letter, add_special_tokens=False)
-            with torch.no_grad():
-                logp = model(torch.tensor([whole]))[0].float().log_softmax(-1)
-            scores.append(sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole))))
-        out.append(scores)
-    return out
+    whole = load_benchmark("cmmlu", str(CMMLU))
+    kept = [q for q in whole.questions if q.subject in SUBJECTS
+            and len(tok.encode(header_of(q.subject) + prompt_of(q) + "A")) <= max_tokens]
+    return Benchmark("cmmlu_dev", CMMLU, "flat", kept, {s: [q for q in kept if q.subject == s] for s in SUBJECTS})
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CMMLU.is_dir(), reason=f"{CMMLU} is absent (the shared sample data)")
-def test_lm_eval_local_completions_multiple_choice(model_dir, tmp_path, monkeypatch):
+def test_lm_eval_local_completions_equals_the_eval_stage(model_dir, tmp_path, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a test extra (pip install -e .[test])")
     from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
+
+    from tasks.benchmarks import task_name
+    from tasks.eval import EvalConfig, benchmark_tasks, evaluate_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
-    rows = questions(AutoTokenizer.from_pretrained(str(model_dir)), max_tokens=200, n=30)
-    assert len(rows) >= 20, "too few CMMLU dev questions fit the tiny model's context"
-    data = tmp_path / "cmmlu_dev.csv"
-    with open(data, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["Question", *LETTERS, "Answer"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "slm_cmmlu_dev.yaml").write_text(TASK_YAML.format(data=data), encoding="utf-8")
+    bench = small_cmmlu(model_dir, max_tokens=200)
+    assert len(bench.questions) >= 20, "too few CMMLU dev questions fit the tiny model's context"
+    tasks = benchmark_tasks([bench], [0], tmp_path)  # the eval stage's task files, as it writes them
+    names = tasks[(bench.name, 0)]
+    assert names == [task_name(bench.name, s, 0) for s in sorted(SUBJECTS)]
 
     app = create_app(model_dir, ServeConfig(max_queue=8), device="cpu")
     with serving(app) as url:
-        out = lm_eval.simple_evaluate(
+        served = lm_eval.simple_evaluate(
             model="local-completions",
             model_args={"base_url": f"{url}/v1/completions", "model": NAME, "tokenizer": str(model_dir),
                         "tokenizer_backend": "huggingface", "tokenized_requests": True, "max_length": 256,
                         "max_retries": 1, "timeout": 60},
-            tasks=["slm_cmmlu_dev"], task_manager=TaskManager(include_path=str(tasks)),
-            batch_size=4, log_samples=True,
+            tasks=names, task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+            batch_size=4, log_samples=True, bootstrap_iters=0,
         )
-    served = out["results"]["slm_cmmlu_dev"]["acc,none"]
-    assert len(out["samples"]["slm_cmmlu_dev"]) == len(rows)
-    scores = direct_scores(model_dir, rows)
-    direct = sum(max(range(4), key=s.__getitem__) == LETTERS.index(r["Answer"]) for s, r in zip(scores, rows)) / len(rows)
-    print(f"CMMLU dev, {len(rows)} questions: lm-eval through slm serve acc {served:.4f}, in-process {direct:.4f}")
-    assert served == pytest.approx(direct, abs=1e-9)
-    for sample in out["samples"]["slm_cmmlu_dev"]:  # and each choice's loglikelihood, question by question
-        got = [float(resp[0]) for resp in sample["filtered_resps"]]
-        assert got == pytest.approx(scores[sample["doc_id"]], abs=1e-3), sample["doc_id"]
+    samples = {(s["doc"]["subject"], s["doc"]["row"]): s for n in names for s in served["samples"][n]}
+    assert len(samples) == len(bench.questions)
+    served_acc = sum(s["acc"] for s in samples.values()) / len(samples)
+
+    stage = evaluate_model(NAME, model_dir, EvalConfig(shots=[0], prompts=[]), [bench],
+                           tasks, lambda n: None, torch.device("cpu"))["benchmarks"][bench.name]["0"]
+    print(f"CMMLU dev, {len(samples)} questions: lm-eval through slm serve acc {served_acc:.4f}, "
+          f"the eval stage's lm-eval run {stage['acc']:.4f}")
+    assert stage["questions"] == len(samples) and served_acc == pytest.approx(stage["acc"], abs=1e-9)
+    for p in stage["predictions"]:  # and each choice's log-likelihood, question by question
+        got = [float(resp[0]) for resp in samples[(p["subject"], p["row"])]["filtered_resps"]]
+        assert got == pytest.approx([p[f"logp_{c}"] for c in "ABCD"], abs=2e-3), (p["subject"], p["row"])
 
 
 # --------------------------------------------------------------------------- the shapes themselves

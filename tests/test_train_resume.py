@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -148,6 +149,8 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, shards):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     evals = lambda d: [(r["step"], r["val_loss"]) for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "eval"]  # noqa: E731
     assert evals(out) == evals(straight_cfg.parent)
+    rates = [r["tokens_per_s"] for r in read_metrics(straight_cfg.parent / "metrics.jsonl") if r["kind"] == "train"]
+    assert max(rates) < 20 * statistics.median(rates)  # an evaluation step's rate is over its step's own time
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, shards):

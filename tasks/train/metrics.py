@@ -142,10 +142,14 @@ class MetricsInterval:
             host.copy_(values, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
+            elapsed = None  # timed in finish_record, once the GPU has finished the step
         else:
-            host, ready = values, None
+            # A CPU step is finished when it returns: time the interval now. Timed in finish_record instead,
+            # it would end one step late, or on time at an evaluation step, where the record is finished
+            # before the next step runs: an interval one step short, credited with all its steps.
+            host, ready, elapsed = values, None, self.lap()
         self.pending = {"step": step, "lr": lr, "tokens": tokens, "count": self.count, "steps": self.steps,
-                        "micro": self.micro, "names": names, "values": host, "ready": ready,
+                        "micro": self.micro, "names": names, "values": host, "ready": ready, "elapsed": elapsed,
                         "peak_mem_gib": peak_memory_gib(d.device)}
         self.nats.zero_()
         self.count, self.steps = 0, 0
@@ -163,16 +167,22 @@ class MetricsInterval:
         finally:
             self.paused_s += time.perf_counter() - start
 
+    def lap(self) -> float:
+        """Seconds since the last lap, less the `paused` time in between; starts the next lap."""
+        now = time.perf_counter()
+        elapsed, self.clock, self.paused_s = now - self.clock - self.paused_s, now, 0.0
+        return elapsed
+
     def finish_record(self) -> None:
-        """Write the queued train record (no-op if none). Tokens/s spans this wait's end to the previous
-        one's, i.e. the GPU finishing one logged step to finishing the next, less the `paused` time."""
+        """Write the queued train record (no-op if none). Tokens/s spans the device finishing one logged
+        step to finishing the next, less the `paused` time: on a GPU timed after this wait for the
+        step's numbers, on a CPU when the step returned (start_record)."""
         if self.pending is None:
             return
         p, self.pending = self.pending, None
         if p["ready"] is not None:
             p["ready"].synchronize()
-        now = time.perf_counter()
-        elapsed, self.clock, self.paused_s = now - self.clock - self.paused_s, now, 0.0
+        elapsed = p["elapsed"] if p["elapsed"] is not None else self.lap()
         nats_v, gnorm, *stat_values = p["values"].tolist()
         loss_v = nats_v / max(p["count"], 1)
         if not math.isfinite(loss_v):

@@ -92,7 +92,7 @@ def read_records(data_dir: Path, max_chars: int) -> list[dict]:
 def build_shards(data_dir: Path, home: Path, vocab_size: int, max_chars: int) -> Path:
     """Token shards from real text by the project's own tokenizer and shard stages.
 
-    The documents are committed as a `dedup` artifact, then tasks.tokenizer and tasks.shard
+    The documents are committed as a `dedup` artifact, then tasks.stages.tokenizer and tasks.stages.shard
     run on it through tasks.runner.run_stage, as in a pipeline run. Returns the shard
     artifact's directory (what ShardReader.from_artifact reads). Needs the pipeline's
     dependencies (pydantic, fsspec, ...), unlike the rest of this script.

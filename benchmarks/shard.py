@@ -133,8 +133,8 @@ def profile_with(root: str, tokenizer: dict, shard: dict):
 
     from profiles.schema import ProfileBase, profile_model
     from tasks.registry import all_stages
-    from tasks.shard import ShardSettings
-    from tasks.tokenizer import TokenizerSettings
+    from tasks.stages.shard import ShardSettings
+    from tasks.stages.tokenizer import TokenizerSettings
 
     if "shard" in all_stages():
         model = profile_model()
@@ -159,7 +159,7 @@ def job_ablation(spec: dict) -> dict:
     """Train with one max_cjk_run on a fixed sample; compression on held-out documents."""
     from tokenizers import pre_tokenizers, trainers
 
-    from tasks import tokenizer as T
+    from tasks.stages import tokenizer as T
 
     cfg = T.TokenizerSettings(vocab_size=spec["vocab"], sample_chars=spec["sample_chars"], heldout_chars=spec["heldout_chars"])
     paths = [Path(p) for p in spec["paths"]]
@@ -186,7 +186,7 @@ def _store(spec):
 
 
 def job_tokenizer(spec: dict) -> dict:
-    from tasks import tokenizer as T
+    from tasks.stages import tokenizer as T
     from tasks.runner import run_stage
 
     store = _store(spec)
@@ -199,7 +199,7 @@ def job_tokenizer(spec: dict) -> dict:
 
 
 def job_shard(spec: dict) -> dict:
-    from tasks import shard as S
+    from tasks.stages import shard as S
     from tasks.runner import run_stage
 
     store = _store(spec)

@@ -1,4 +1,4 @@
-"""A causal LM with a scalar head: the reward model (tasks/reward.py) and PPO's policy + value head.
+"""A causal LM with a scalar head: the reward model (tasks/stages/reward.py) and PPO's policy + value head.
 
     model = RewardModel.from_backbone(load_hf_dir(sft_dir)[0])       # fresh (zero) head
     save_reward_model(model, tokenizer_dir, out)                      # out/model/ (HF dir) + out/head.safetensors

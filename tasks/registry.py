@@ -18,20 +18,20 @@ from pydantic import BaseModel
 from storage.errors import SlmError
 
 _STAGE_MODULES = [
-    "tasks.download",
-    "tasks.extract",
-    "tasks.normalize",
-    "tasks.clean",
-    "tasks.dedup",
-    "tasks.tokenizer",
-    "tasks.shard",
-    "tasks.pretrain",
-    "tasks.sft",
-    "tasks.dpo",
-    "tasks.reward", "tasks.ppo", "tasks.grpo",
-    "tasks.distill", "tasks.distill_data", "tasks.distill_sft",
-    "tasks.eval",
-    "tasks.export",
+    "tasks.stages.download",
+    "tasks.stages.extract",
+    "tasks.stages.normalize",
+    "tasks.stages.clean",
+    "tasks.stages.dedup",
+    "tasks.stages.tokenizer",
+    "tasks.stages.shard",
+    "tasks.stages.pretrain",
+    "tasks.stages.sft",
+    "tasks.stages.dpo",
+    "tasks.stages.reward", "tasks.stages.ppo", "tasks.stages.grpo",
+    "tasks.stages.distill", "tasks.stages.distill_data", "tasks.stages.distill_sft",
+    "tasks.stages.eval",
+    "tasks.stages.export",
 ]
 
 

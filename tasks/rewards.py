@@ -92,7 +92,7 @@ class Scorer:
 
     def _model_scores(self, prompts: list[list[dict]], replies: list[str]) -> np.ndarray:
         """The reward model's score of each prompt + reply, read where the reward stage reads it
-        (rows as tasks/dpo.py encode_pairs makes them: objectives.reply_end)."""
+        (rows as tasks/train/pairs.py encode_pairs makes them: objectives.reply_end)."""
         import torch
 
         from tasks.chat_data import encode_conversation

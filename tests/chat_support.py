@@ -29,7 +29,7 @@ def make_tokenizer_dir(out: Path, vocab_size: int = 600) -> Path:
     import zhconv
     from tokenizers import pre_tokenizers, trainers
 
-    from tasks.tokenizer import NAMED_SPECIAL, hf_config, new_tokenizer
+    from tasks.stages.tokenizer import NAMED_SPECIAL, hf_config, new_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = new_tokenizer(4)

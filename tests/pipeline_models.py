@@ -49,7 +49,7 @@ class Upstream:
     def models(self, **chosen: Manifest) -> dict[str, Manifest]:
         """Inputs for eval: the three model stages (these fixtures unless `chosen`), tokenizer, shard."""
         found = {"pretrain": self.pretrain, "sft": self.sft, "dpo": self.dpo, **chosen}
-        from tasks.eval import MODEL_STAGES  # later model stages (ppo, grpo, distill, ...): random-weight artifacts
+        from tasks.stages.eval import MODEL_STAGES  # later model stages (ppo, grpo, distill, ...): random-weight artifacts
 
         found.update({s: model_artifact(self.store, s, self.tokenizer, seed=10 + i)
                       for i, s in enumerate(MODEL_STAGES) if s not in found})

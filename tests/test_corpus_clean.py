@@ -7,7 +7,7 @@ import random
 import numpy as np
 
 from corpus_support import artifact_dir, read_docs, run_until, write_profile
-from tasks.clean import _repeat_fractions, _top_fractions, evaluate, CleanSettings
+from tasks.stages.clean import _repeat_fractions, _top_fractions, evaluate, CleanSettings
 from tasks.corpus.text import tokenize
 
 GOOD = [

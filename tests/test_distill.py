@@ -25,8 +25,8 @@ from storage.artifacts import ArtifactStore
 from storage.keys import stage_key
 from storage.manifest import Manifest, list_files
 from tasks.chat_data import FitStats, encode_conversation, fit_length, load_conversations
-from tasks.distill import DistillError
-from tasks.distill_data import END_THINK, THINK, render, split_reasoning
+from tasks.stages.distill import DistillError
+from tasks.stages.distill_data import END_THINK, THINK, render, split_reasoning
 from tasks.registry import all_stages
 from tasks.runner import open_tracker, run_stage
 from tasks.train.chats import PackedChats, heldout_assistant_loss
@@ -269,7 +269,7 @@ def test_black_box_distillation_from_an_openai_compatible_server(models, server,
 def test_hf_teacher_answers_are_the_engines_and_reasoning_is_split(models, slm_home):
     """An HF teacher (model/generate.py Engine, batched): a seeded sample of the prompts, each answer =
     Engine.chat's greedy reply; generated ids holding a <think> block split into reasoning and answer."""
-    from tasks.distill_data import decode_reply
+    from tasks.stages.distill_data import decode_reply
 
     store = ArtifactStore(str(slm_home / "artifacts"), slm_home)
     p = profile(slm_home, distill_data={"data": GREETINGS, "teacher": str(models.teacher), "max_new_tokens": 16,
@@ -294,7 +294,7 @@ def test_endpoint_credentials_stay_out_of_the_profile(models, slm_home, monkeypa
     refused when the profile is read; a named variable that is not set stops the stage before any request."""
     from pydantic import ValidationError
 
-    from tasks.distill_data import DistillDataError
+    from tasks.stages.distill_data import DistillDataError
 
     endpoint = {"teacher_url": "http://127.0.0.1:9/v1", "teacher_model": "m"}
     with pytest.raises(ValidationError, match="must not carry credentials"):

@@ -10,7 +10,7 @@ import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tasks.distill_data import DistillDataConfig, endpoint_answers
+from tasks.stages.distill_data import DistillDataConfig, endpoint_answers
 
 PROMPTS = [[{"role": "user", "content": q}] for q in ("你好", "今天天气怎么样？", "推荐一本书", "谢谢")]
 

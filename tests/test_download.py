@@ -17,7 +17,7 @@ from flows.cli import main as slm
 from profiles.loader import load_profile
 from storage.keys import short
 from storage.manifest import Manifest
-from tasks.download import DownloadError
+from tasks.stages.download import DownloadError
 from tasks.registry import all_stages
 from tasks.runner import compute_keys, open_store, run_stage
 

@@ -5,7 +5,7 @@ Pairs for the learning test come from chatterbot-corpus' real Q/A with a prefere
 can learn and carry to unseen questions, against what SFT taught it: chosen = the answer in
 traditional characters (zhconv, a project dependency), rejected = the same answer in simplified
 characters, the script the model was fine-tuned on (a user who wants replies in traditional script). The demo's construction (rejected = another question's answer, see
-tasks/dpo.py) is tested for its invariants; judging relevance is beyond a 2-layer model."""
+tasks/stages/dpo.py) is tested for its invariants; judging relevance is beyond a 2-layer model."""
 from __future__ import annotations
 
 import math

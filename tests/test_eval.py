@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_models import CMMLU, PRETRAIN, model_artifact, upstream  # noqa: E402
 
 from tasks.benchmarks import BenchmarkError, load_benchmark, load_tasks, write_tasks  # noqa: E402
-from tasks.eval import MODEL_STAGES, EvalConfig, benchmark_tasks, evaluate_model, load_model  # noqa: E402
+from tasks.stages.eval import MODEL_STAGES, EvalConfig, benchmark_tasks, evaluate_model, load_model  # noqa: E402
 from tasks.registry import all_stages  # noqa: E402
 from tasks.runner import open_tracker, run_stage  # noqa: E402
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from storage.artifacts import ArtifactStore
-from tasks.grpo import GrpoConfig, run
+from tasks.stages.grpo import GrpoConfig, run
 from tasks.train.data import IGNORE
 from tasks.train.metrics import read_metrics
 from tasks.train.objectives import GRPO, clipped_policy_loss, k3_kl, masked_row_mean

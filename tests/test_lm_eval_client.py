@@ -1,7 +1,7 @@
 """lm-eval against `slm serve`: its `local-completions` model runs CMMLU dev questions (../shared/data,
 written as lm-eval tasks by the eval stage's own writer, offline) through /v1/completions' echo +
 logprobs with token-id prompts, and gets the accuracy, and each choice's log-likelihood, that the eval
-stage's in-process lm-eval run (tasks.eval.evaluate_model, model.lm_eval_model.SlmLM) gets on the same
+stage's in-process lm-eval run (tasks.stages.eval.evaluate_model, model.lm_eval_model.SlmLM) gets on the same
 model. Also the logprobs shapes themselves (legacy completions and chat) against a full forward."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_lm_eval_local_completions_equals_the_eval_stage(model_dir, tmp_path, mo
     from lm_eval.tasks import TaskManager
 
     from tasks.benchmarks import task_name
-    from tasks.eval import EvalConfig, benchmark_tasks, evaluate_model
+    from tasks.stages.eval import EvalConfig, benchmark_tasks, evaluate_model
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -13,7 +13,7 @@ import torch
 
 from model.reward import engine_model
 from storage.artifacts import ArtifactStore
-from tasks.ppo import VALUE_HEAD, PpoConfig, run
+from tasks.stages.ppo import VALUE_HEAD, PpoConfig, run
 from tasks.train.data import IGNORE
 from tasks.train.engine import TrainConfig
 from tasks.train.metrics import read_metrics

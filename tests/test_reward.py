@@ -18,7 +18,7 @@ from model import load_hf_dir
 from model.reward import RewardModel, load_reward_model
 from storage.artifacts import ArtifactStore
 from tasks.train.pairs import encode_pairs
-from tasks.reward import RewardConfig, pair_metrics, run
+from tasks.stages.reward import RewardConfig, pair_metrics, run
 from tasks.train.stage import load_tokenizer
 from tasks.train.metrics import read_metrics
 from tasks.train.objectives import RewardBT, reply_end
@@ -108,7 +108,7 @@ def test_reward_stage_learns_a_preference_it_carries_to_heldout_pairs(setup, tmp
     scorer = Scorer([{"rule": "reward_model", "weight": 2.0}], out.path)
     total, parts = scorer([r["messages"] for r in recs], [r["chosen"] for r in recs], [None] * 6)
     from tasks.chat_data import PreferencePair
-    from tasks.reward import pair_scores
+    from tasks.stages.reward import pair_scores
 
     rows, _ = encode_pairs([PreferencePair(r["messages"], r["chosen"], r["rejected"]) for r in recs], setup["tok"], SEQ)
     np.testing.assert_allclose(parts["reward_model"], pair_scores(load_reward_model(out.path), rows)[0], rtol=1e-4, atol=1e-5)

@@ -28,8 +28,8 @@ from tokenizers import Tokenizer
 from storage.artifacts import ArtifactStore
 from storage.keys import stage_key
 from storage.manifest import Manifest, list_files
-from tasks import shard as stage
-from tasks import tokenizer as tokenizer_stage
+from tasks.stages import shard as stage
+from tasks.stages import tokenizer as tokenizer_stage
 from tasks.runner import run_stage
 from tasks.shard_reader import ShardReader
 from token_corpus import EDGE_CASES, corpus_records, documents_artifact, stage_profile
@@ -186,7 +186,7 @@ import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from pathlib import Path
 from storage.artifacts import ArtifactStore
-from tasks import shard
+from tasks.stages import shard
 from tasks.runner import run_stage
 from token_corpus import stage_profile
 store = ArtifactStore({root!r}, Path({home!r}))

@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from storage.artifacts import ArtifactStore
-from tasks import tokenizer as stage
+from tasks.stages import tokenizer as stage
 from tasks.runner import run_stage
 from token_corpus import EDGE_CASES, corpus_records, documents_artifact, stage_profile
 

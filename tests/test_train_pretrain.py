@@ -152,7 +152,7 @@ def test_continued_pretraining_starts_from_the_hf_model(upstream, tmp_path):
     from profiles.schema import profile_model
 
     from model import ModelConfig, Transformer, save_hf_dir
-    from tasks.pretrain import PretrainError, config
+    from tasks.stages.pretrain import PretrainError, config
     from tasks.shard_reader import ShardReader
     from tasks.train import CausalLM, PackedBatches
 

@@ -22,8 +22,8 @@ from storage.keys import stage_key
 from storage.manifest import Manifest, list_files
 from tasks.corpus.documents import DocWriter
 from tasks.registry import all_stages
-from tasks.shard import ShardSettings
-from tasks.tokenizer import TokenizerSettings
+from tasks.stages.shard import ShardSettings
+from tasks.stages.tokenizer import TokenizerSettings
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

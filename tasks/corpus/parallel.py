@@ -50,7 +50,7 @@ from tasks.progress import Progress
 # (pandas too: pyarrow imports it, ~0.4 s, the first time it converts a Python list).
 PRELOAD = ["numpy", "pandas", "pyarrow.parquet", "pyarrow.compute", "xxhash", "zhconv", "ijson", "mwparserfromhell",
            "tasks.corpus.documents", "tasks.corpus.text", "tasks.corpus.readers", "tasks.corpus.wikitext",
-           "tasks.corpus.minhash", "tasks.extract", "tasks.normalize", "tasks.clean", "tasks.dedup"]
+           "tasks.corpus.minhash", "tasks.stages.extract", "tasks.stages.normalize", "tasks.stages.clean", "tasks.stages.dedup"]
 _context = None
 _pool: ProcessPoolExecutor | None = None
 _pool_size = 0

@@ -26,7 +26,7 @@ batches from tasks/train/rollout.py).
 
 Optional per-token weights: a token batch may carry "weights" (B, T) float32; SFT and
 Distill then sum weight * loss per target token (count stays the number of targets, so a
-weight above 1 adds to a token's share of the step loss; tasks/sft.py PackedChats makes them
+weight above 1 adds to a token's share of the step loss; tasks/train/chats.py PackedChats makes them
 from a {token id: weight} map, e.g. the reasoning template's <think> / </think>).
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ class SFT(CausalLM):
     targets are -100 everywhere but on the assistant's tokens (tasks/chat_data.py makes the mask
     from the tokenizer's chat template), so only the replies are learnt.
 
-    batch: input_ids, targets, document_ids (B, T), as CausalLM (tasks/sft.py PackedChats), and
+    batch: input_ids, targets, document_ids (B, T), as CausalLM (tasks/train/chats.py PackedChats), and
     optionally weights (B, T) (see the module docstring).
     """
 
@@ -151,7 +151,7 @@ class DPO:
 
     batch: chosen_ids, chosen_targets, rejected_ids, rejected_targets (B, T) (targets -100 off the
     reply), ref_chosen, ref_rejected (B,) fp32: the reference model's sequence log-probs, computed
-    once before training (tasks/dpo.py) so no reference model sits in memory while training.
+    once before training (tasks/stages/dpo.py) so no reference model sits in memory while training.
     count = pairs; loss "sum" = the sum of the per-pair DPO losses. One forward over chosen and
     rejected together (2B rows).
     """
@@ -182,9 +182,9 @@ def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[
 
 
 class RewardBT:
-    """Reward model training (Bradley-Terry) on the DPO stage's pair rows (tasks/dpo.py encode_pairs).
+    """Reward model training (Bradley-Terry) on the DPO stage's pair rows (tasks/train/pairs.py encode_pairs).
 
-    model: a backbone with a scalar head (tasks/reward.py RewardModel: `scores(input_ids)` -> (B, T)),
+    model: a backbone with a scalar head (model/reward.py RewardModel: `scores(input_ids)` -> (B, T)),
     read at the last reply token of each row (reply_end). batch: chosen_ids, chosen_targets,
     rejected_ids, rejected_targets (B, T); count = pairs; "sum" = the sum of -log sigmoid(r_c - r_r).
     stats: accuracy (share of pairs with r_c > r_r) and the mean margin.
@@ -278,7 +278,7 @@ class GRPO:
 
 
 class PPO:
-    """PPO with a value head on the policy's backbone (tasks/reward.py RewardModel as policy + critic):
+    """PPO with a value head on the policy's backbone (model/reward.py RewardModel as policy + critic):
 
         l_t = -min(ratio_t * A_t, clip(ratio_t) * A_t) + vf_coef * clipped_value_loss(V_t, V_old_t, R_t)
 
@@ -341,7 +341,7 @@ class Distill(CausalLM):
     count = assistant tokens; "sum" = the sum of the per-token losses; "stats": the micro-batch's
     mean KL at T and mean CE per assistant token (the engine writes them into its train records).
 
-    teacher: an HF directory (model/hf.py) sharing the student's tokenizer (tasks/distill.py checks
+    teacher: an HF directory (model/hf.py) sharing the student's tokenizer (tasks/stages/distill.py checks
     that). It is loaded here, once, onto the device the engine trains on (bf16 on CUDA, fp32 on
     CPU), frozen (requires_grad False), in eval mode and run under no_grad: it costs its weights and
     one forward's activations, never gradients or optimizer state. Each process holds a full copy

@@ -1,6 +1,6 @@
 """ppo: proximal policy optimisation of the chat policy against the reward model (and/or rules).
 
-Reads   as grpo (tasks/grpo.py): the dpo stage's hf/ (or `init_from`) as the starting policy and
+Reads   as grpo (tasks/stages/grpo.py): the dpo stage's hf/ (or `init_from`) as the starting policy and
         the frozen reference; prompts from `data:`; the reward stage's model for the
         `reward_model` rule (the default reward).
 Model   the policy with a value head on its own backbone (model/reward.py RewardModel: the same

@@ -425,7 +425,7 @@ def finish(out_dir: Path, cfg: EvalConfig, benches: list[Benchmark], results: li
                                 **{k: r.get(k) for k in ("val_loss", "val_bpb", "val_ppl")},
                                 **{f"{b} {k}-shot acc": s["acc"] for b, by_k in r["benchmarks"].items()
                                    for k, s in by_k.items()}} for r in results],
-                      "every model on the same held-out text and benchmarks (tasks/eval.py)")
+                      "every model on the same held-out text and benchmarks (tasks/stages/eval.py)")
         for rel in ["report.md", "results.json", "generations.jsonl", *plots]:
             out.log_artifact(rel)
     last = results[-1]

@@ -6,7 +6,7 @@ Reads   the teacher: the dpo stage's hf/ model (the pipeline's chat model), or a
         the teacher's vocabulary and context), or the HF directory named by `init_from`.
         Chat data: the `data:` entries (as in sft: local path / glob or package files, with a
         format), by default the sft stage's `data` and `system_prompt` (the conversations SFT
-        learns), read, split, cut and packed exactly as sft does (tasks/sft.py, tasks/chat_data.py).
+        learns), read, split, cut and packed exactly as sft does (tasks/stages/sft.py, tasks/chat_data.py).
 Checks  before anything trains: teacher and student share the tokenizer (the same vocab_size
         in config.json and the same tokenizer.json bytes, by sha256): the soft targets are
         compared token id by token id, so another tokenizer would teach garbage; the student

@@ -25,7 +25,7 @@ Memory  policy + reference (+ the reward model), one rollout's rows.
 Fails   when no prompt fits seq_len - max_new_tokens, when the batch sizes do not divide
         (prompts_per_rollout * group_size by global_batch), with LoRA (not supported for RL
         here), or when training fails (the end of its log).
-The ppo stage (tasks/ppo.py) shares this module's settings, prompt reading and evaluation.
+The ppo stage (tasks/stages/ppo.py) shares this module's settings, prompt reading and evaluation.
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ per candidate pair, all in this process.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
@@ -58,9 +60,12 @@ def corpus_signatures(paths, num_perm: int, ngram: int, seed: int, batch: int = 
             np.concatenate(has) if has else np.zeros(0, bool))
 
 
-def cluster(exact: np.ndarray, sig: np.ndarray, has: np.ndarray, settings) -> dict:
+def cluster(exact: np.ndarray, has: np.ndarray, keys, sig_rows: Callable[[np.ndarray], np.ndarray], settings) -> dict:
     """Every document's fate: kind (KEPT, EXACT, NEAR), final (the ordinal kept in its place),
-    estimate (Jaccard estimate against final), cluster_size, and the facts."""
+    estimate (Jaccard estimate against final), cluster_size, and the facts.
+
+    exact [n, 2] exact keys, has [n], keys [n, bands] band keys (an array or a memory map: read
+    one band at a time), sig_rows(ordinals) -> their signatures (e.g. from memory-mapped files)."""
     total = len(exact)
     ordinal = np.arange(total, dtype=np.int64)
     bands, rows = lsh_params(settings.threshold, settings.num_perm)
@@ -72,8 +77,7 @@ def cluster(exact: np.ndarray, sig: np.ndarray, has: np.ndarray, settings) -> di
     rep_near = ordinal.copy()
     if settings.near and total:
         alive = np.flatnonzero(has & (rep_exact == ordinal))
-        keys = band_keys(sig[alive], bands, rows)
-        edges = [bucket_edges(keys[:, band], alive) for band in range(bands)]
+        edges = [bucket_edges(np.asarray(keys[:, band])[alive], alive) for band in range(bands)]
         left = np.concatenate([e[0] for e in edges])
         right = np.concatenate([e[1] for e in edges])
         if len(left):
@@ -81,7 +85,7 @@ def cluster(exact: np.ndarray, sig: np.ndarray, has: np.ndarray, settings) -> di
             left, right = code // total, code % total
         facts["candidate_pairs"] = len(left)
         if settings.verify and len(left):
-            good = estimate_jaccard(sig[left], sig[right]) >= settings.threshold
+            good = _jaccard(sig_rows, left, right) >= settings.threshold
             left, right = left[good], right[good]
         facts["verified_pairs"] = len(left)
         graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(total, total)).tocsr()
@@ -93,7 +97,7 @@ def cluster(exact: np.ndarray, sig: np.ndarray, has: np.ndarray, settings) -> di
     kind = np.where(rep_exact != ordinal, EXACT, np.where(final != ordinal, NEAR, KEPT)).astype(np.uint8)
     estimate = np.ones(total, dtype=np.float32)
     both = has & has[final] & (kind != KEPT)
-    estimate[both] = estimate_jaccard(sig[both], sig[final[both]])
+    estimate[both] = _jaccard(sig_rows, np.flatnonzero(both), final[both])
     cluster_size = np.bincount(final, minlength=total)
     facts.update({"documents": total, "exact_duplicates": int((kind == EXACT).sum()),
                   "near_duplicates": int((kind == NEAR).sum()), "clusters": int((cluster_size > 1).sum()),
@@ -101,10 +105,18 @@ def cluster(exact: np.ndarray, sig: np.ndarray, has: np.ndarray, settings) -> di
     return {"kind": kind, "final": final, "estimate": estimate, "cluster_size": cluster_size, "facts": facts}
 
 
+def _jaccard(rows, a: np.ndarray, b: np.ndarray, block: int = 16384) -> np.ndarray:
+    found = np.empty(len(a), dtype=np.float32)
+    for lo in range(0, len(a), block):
+        found[lo:lo + block] = estimate_jaccard(rows(a[lo:lo + block]), rows(b[lo:lo + block]))
+    return found
+
+
 def reference(paths, settings) -> dict:
     """The answer for clean's shards `paths` (in corpus order) under DedupSettings `settings`."""
     ids, exact, sig, has = corpus_signatures(paths, settings.num_perm, settings.ngram, settings.seed)
-    found = cluster(exact, sig, has, settings)
+    bands, rows = lsh_params(settings.threshold, settings.num_perm)
+    found = cluster(exact, has, band_keys(sig, bands, rows), lambda index: sig[index], settings)
     removed = np.flatnonzero(found["kind"] != KEPT)
     return {
         "removed": [(ids[i], ids[found["final"][i]], KINDS[int(found["kind"][i])], float(found["estimate"][i]))

@@ -68,7 +68,7 @@ def cluster(exact: np.ndarray, has: np.ndarray, keys, sig_rows: Callable[[np.nda
     one band at a time), sig_rows(ordinals) -> their signatures (e.g. from memory-mapped files)."""
     total = len(exact)
     ordinal = np.arange(total, dtype=np.int64)
-    bands, rows = lsh_params(settings.threshold, settings.num_perm)
+    bands, _ = lsh_params(settings.threshold, settings.num_perm)
     rep_exact = ordinal.copy()
     if settings.exact and total:
         _, first, inverse = np.unique(exact, axis=0, return_index=True, return_inverse=True)

@@ -457,8 +457,8 @@ class ScaleOut:
 
 
 def scale_child(spec_path: str) -> None:
-    """One dedup of a scale corpus (spec: corpus, out, workers, partitions): the seconds of its
-    three steps, the peak RSS of this process (the driver) and of each other process."""
+    """One dedup of a scale corpus (spec: corpus, out, workers, partitions): the seconds and CPU
+    seconds (all processes) of its three steps, the peak RSS of this process (the driver) and of each other process."""
     import numpy as np
 
     from tasks import dedup
@@ -474,17 +474,21 @@ def scale_child(spec_path: str) -> None:
                            "partitions": s.partitions, "num_perm": s.num_perm, "bands": bands, "rows": rows,
                            "ngram": s.ngram, "seed": s.seed}) for i, p in enumerate(paths)]
     meter = PeakRSS()
-    seconds = {}
+    meter.reset()
+    seconds, cpu = {}, {}
     clock = time.perf_counter()
     signed = run_units(out, "dedup-signatures", units, dedup.signature_unit, desc="signatures")
     seconds["signatures"] = time.perf_counter() - clock
+    cpu["signatures"] = meter.cpu_seconds() - sum(cpu.values())
     clock = time.perf_counter()
     summary = dedup.step2(out, units, signed, s)
     seconds["step 2"] = time.perf_counter() - clock
+    cpu["step 2"] = meter.cpu_seconds() - sum(cpu.values())
     clock = time.perf_counter()
     args = [Unit(u.name, {**u.args, "bytes_in": signed[u.name]["bytes_in"]}) for u in units]
     run_units(out, "dedup-write", args, dedup.write_unit, desc="write")
     seconds["write"] = time.perf_counter() - clock
+    cpu["write"] = meter.cpu_seconds() - sum(cpu.values())
     meter.stop()
     me = meter.me.pid
     others = {pid: peak for pid, peak in meter.peaks.items() if pid != me}
@@ -493,7 +497,7 @@ def scale_child(spec_path: str) -> None:
     for u in units:
         sig = np.load(folder / f"{u.name}.sig.npy", mmap_mode="r")
         np.save(folder / f"{u.name}.keys.npy", band_keys(np.asarray(sig), bands, rows))
-    print("RESULT " + json.dumps({"seconds": seconds, "driver": meter.peaks.get(me, 0),
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu": cpu, "driver": meter.peaks.get(me, 0),
                                   "workers": sorted(others.values(), reverse=True), "facts": summary["facts"]}))
 
 
@@ -589,7 +593,8 @@ def scale(n: int, workers: int, folder: Path) -> None:
         hits = len(removed & set(planted))
         total = sum(result["seconds"].values())
         rows.append([f"{size:,}", spec["partitions"], f"{size / total:,.0f}",
-                     " / ".join(f"{v:.0f}" for v in result["seconds"].values()), mb(result["driver"]),
+                     " / ".join(f"{v:.0f}" for v in result["seconds"].values()),
+                     " / ".join(f"{v:.0f}" for v in result["cpu"].values()), mb(result["driver"]),
                      mb(result["workers"][0] if result["workers"] else 0), f"{hits / max(1, len(planted)):.4f}",
                      f"{hits / max(1, len(removed)):.4f}"])
         print(f"  {size:,} docs (corpus written in {made:.0f} s): {rows[-1]}", flush=True)
@@ -605,7 +610,7 @@ def scale(n: int, workers: int, folder: Path) -> None:
 
         shutil.rmtree(corpus)
     print_table(f"5a. dedup (signatures, step 2, write) at {n:,} and {4 * n:,} documents, {workers} workers",
-                ["documents", "partitions", "docs/s", "seconds (sig / step 2 / write)", "peak RSS driver",
+                ["documents", "partitions", "docs/s", "seconds (sig / step 2 / write)", "CPU s (same)", "peak RSS driver",
                  "peak RSS worker", "recall", "precision"], rows)
     print_table(f"5b. dedup step 2 at {n:,} documents: before vs now",
                 ["step 2", "seconds", "peak RSS", "same decisions"], compare)

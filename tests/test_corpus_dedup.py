@@ -245,3 +245,51 @@ def test_partitioned_dedup_gives_the_in_memory_answer_whatever_the_partitions_an
     assert not [p for p in pairs if "/originals" in p["removed_id"] and "/copies" in p["kept_id"]]
     assert sum("/originals" in p["kept_id"] for p in pairs) >= 0.9 * len(pairs)
     assert facts["largest_cluster"] >= 3  # the chains: an original, its copy and the copy's copy
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from corpus_support import run_until
+if __name__ == "__main__":
+    run_until({profile!r}, "dedup")
+"""
+
+
+def test_dedup_killed_in_step_2_resumes_from_its_unit_markers(tmp_path, capfd):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tasks.dedup import DedupSettings
+
+    sources = _planted(tmp_path)
+    stages = {"extract": {"shard_mb": 0.1}, "clean": {"min_chars": 20}, "dedup": {"partitions": 6}}
+    profile = write_profile(tmp_path, sources, stages, workers=1, root=str(tmp_path / "store"))
+    script = DRIVER.format(tests=str(Path(__file__).parent), profile=str(profile))
+    driver = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()},
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    verified = []
+    while len(verified) < 2 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        verified = list((tmp_path / "store").glob("**/_work/dedup-verify/*.json"))
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    verified = list((tmp_path / "store").glob("**/_work/dedup-verify/*.json"))
+    assert 2 <= len(verified) < 6, "the driver was killed inside step 2"
+    capfd.readouterr()
+
+    made, store = run_until(profile, "dedup")
+    bars = capfd.readouterr().err  # each phase's progress bar starts at the units it found done
+    for phase in ("signatures", "exact groups", "buckets"):
+        assert f"dedup {phase}: 100%" in bars and f"dedup {phase}:   0%" not in bars, phase
+    assert f"dedup verify: {100 * len(verified) / 6:3.0f}%" in bars and "dedup verify:   0%" not in bars
+    expected = reference([store.local_path(made["clean"], e.path) for e in made["clean"].files_under("docs")],
+                         DedupSettings())
+    pairs = pq.read_table(artifact_dir(store, made["dedup"]) / "duplicates.parquet").to_pylist()
+    assert [(p["removed_id"], p["kept_id"], p["kind"], p["jaccard_estimate"]) for p in pairs] == expected["removed"]
+    assert len(read_docs(store, made["dedup"])) == expected["facts"]["documents"] - len(pairs)

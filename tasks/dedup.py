@@ -197,9 +197,9 @@ def decide_unit(args: dict) -> dict:
     removed_id = ids.take(pa.array(rows)).to_pylist()
     kept_rows = sizes["final"].to_numpy() & clusters.ROW_MASK
     _save_npz(folder / "decision" / f"{name}.npz", kind=kind, cluster_size=cluster_size)
-    clusters._write(mine.with_columns(jaccard_estimate=pl.Series(estimate), removed_id=pl.Series(removed_id, dtype=pl.String)),
+    clusters.write_ipc(mine.with_columns(jaccard_estimate=pl.Series(estimate), removed_id=pl.Series(removed_id, dtype=pl.String)),
                     folder / "removed" / f"{name}.arrow")
-    clusters._write(sizes.select("final", kept_id=pl.Series(ids.take(pa.array(kept_rows)).to_pylist(), dtype=pl.String)),
+    clusters.write_ipc(sizes.select("final", kept_id=pl.Series(ids.take(pa.array(kept_rows)).to_pylist(), dtype=pl.String)),
                     folder / "finals" / f"{name}.arrow")
     chars = np.load(sig / f"{name}.chars.npy")
     kept_bins = np.searchsorted(LENGTH_EDGES, chars[kind == KEPT], side="right") - 1
@@ -256,7 +256,7 @@ def step2(out, units: list[Unit], signed: dict, s: DedupSettings) -> dict:
         facts["verified_pairs"] = sum(r["verified_pairs"] for r in done.values())
         labels = out.path / SCRATCH / "labels.arrow"
         if not labels.exists():
-            clusters._write(clusters.components([out.path / f for r in done.values() for f in r["files"]]), labels)
+            clusters.write_ipc(clusters.components([out.path / f for r in done.values() for f in r["files"]]), labels)
             out.save_progress(f"{SCRATCH}/labels.arrow")
     decide = [Unit(u.name, {**base, "name": u.name, "shard": i, "path": u.args["path"], "rows": signed[u.name]["rows"],
                             "near": s.near, "exact_files": exact_files, "samples": s.samples})

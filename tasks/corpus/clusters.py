@@ -54,7 +54,7 @@ def doc_ids(shard: int, n: int) -> np.ndarray:
     return (np.int64(shard) << np.int64(ROW_BITS)) + np.arange(n, dtype=np.int64)
 
 
-def _write(frame: pl.DataFrame, path: Path) -> None:
+def write_ipc(frame: pl.DataFrame, path: Path) -> None:
     """An Arrow IPC file, written under a temp name and renamed: never seen half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -77,7 +77,7 @@ def write_partitions(out: Path, name: str, shard: int, exact: np.ndarray, band_k
     for p in range(partitions):
         mask = part == p
         rel = f"{FOLDER}/exact-in/{p}/{name}.arrow"
-        _write(pl.DataFrame({"hi": exact[mask, 0], "lo": exact[mask, 1], "doc": docs[mask]}), out / rel)
+        write_ipc(pl.DataFrame({"hi": exact[mask, 0], "lo": exact[mask, 1], "doc": docs[mask]}), out / rel)
         files.append(rel)
     with_sig = np.flatnonzero(has)
     bands = band_keys.shape[1]
@@ -90,7 +90,7 @@ def write_partitions(out: Path, name: str, shard: int, exact: np.ndarray, band_k
     for p in range(partitions):
         pick = order[bounds[p]:bounds[p + 1]]
         rel = f"{FOLDER}/bands-in/{p}/{name}.arrow"
-        _write(pl.DataFrame({"band": band[pick], "key": keys[pick], "doc": doc[pick]}), out / rel)
+        write_ipc(pl.DataFrame({"band": band[pick], "key": keys[pick], "doc": doc[pick]}), out / rel)
         files.append(rel)
     return files
 
@@ -108,7 +108,7 @@ def exact_unit(args: dict) -> dict:
                .filter(pl.col("doc") != pl.col("rep")).select("doc", "rep").sort("doc")
                .collect(engine="streaming"))
     rel = f"{FOLDER}/exact/{p}.arrow"
-    _write(removed, out / rel)
+    write_ipc(removed, out / rel)
     return {"removed": removed.height, "files": [rel], "seconds": time.perf_counter() - clock}
 
 
@@ -129,7 +129,7 @@ def bucket_unit(args: dict) -> dict:
     files = []
     for (q,), part in pairs.partition_by("q", as_dict=True, include_key=False).items():
         rel = f"{FOLDER}/pairs/{p}/{q}.arrow"
-        _write(part, out / rel)
+        write_ipc(part, out / rel)
         files.append(rel)
     return {"pairs": pairs.height, "files": sorted(files), "seconds": time.perf_counter() - clock}
 
@@ -184,7 +184,7 @@ def verify_unit(args: dict) -> dict:
         good = sigs.jaccard(pairs["leader"].to_numpy(), pairs["member"].to_numpy()) >= args["threshold"]
         pairs = pairs.filter(pl.Series(good))
     rel = f"{FOLDER}/edges/{q}.arrow"
-    _write(pairs.select(a=pl.col("leader"), b=pl.col("member")), out / rel)
+    write_ipc(pairs.select(a=pl.col("leader"), b=pl.col("member")), out / rel)
     return {"candidate_pairs": candidates, "verified_pairs": pairs.height, "files": [rel],
             "seconds": time.perf_counter() - clock}
 

@@ -135,29 +135,39 @@ def bucket_unit(args: dict) -> dict:
 
 
 class Signatures:
-    """The shards' signature files (tasks.dedup.signature_unit), memory-mapped, read by doc id."""
+    """The shards' signature files (tasks.dedup.signature_unit), rows read by doc id.
+
+    Read with pread, row by row, not through a memory map: a map's pages (and the pages the
+    kernel maps around each fault, ~64 KB) stay in the process's resident set, so random rows
+    from every shard made a unit's RSS grow with the corpus."""
 
     def __init__(self, folder: Path, names: list[str]):
         self.folder, self.names = folder, names
-        self.maps: dict[int, np.ndarray] = {}
+        self.layout: dict[int, tuple[int, int]] = {}  # shard -> (data offset, row bytes)
 
-    def _map(self, shard: int) -> np.ndarray:
-        if shard not in self.maps:
-            self.maps[shard] = np.load(self.folder / f"{self.names[shard]}.sig.npy", mmap_mode="r")
-        return self.maps[shard]
+    def _layout(self, shard: int) -> tuple[int, int]:
+        if shard not in self.layout:
+            with open(self.folder / f"{self.names[shard]}.sig.npy", "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(handle) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(handle))
+                assert dtype == np.uint32, dtype
+                self.layout[shard] = (handle.tell(), shape[1] * 4)
+        return self.layout[shard]
 
     def rows(self, docs: np.ndarray) -> np.ndarray:
         shard = docs >> ROW_BITS
-        width = self._map(int(shard[0])).shape[1] if len(docs) else 0
+        width = self._layout(int(shard[0]))[1] // 4 if len(docs) else 0
         out = np.empty((len(docs), width), dtype=np.uint32)
         for s in np.unique(shard):
-            mask = shard == s
-            local = docs[mask] & ROW_MASK
-            order = np.argsort(local)
-            picked = np.asarray(self._map(int(s))[local[order]])
-            rows = np.empty_like(picked)
-            rows[order] = picked
-            out[mask] = rows
+            where = np.flatnonzero(shard == s)
+            offset, size = self._layout(int(s))
+            fd = os.open(self.folder / f"{self.names[int(s)]}.sig.npy", os.O_RDONLY)
+            try:
+                data = b"".join(os.pread(fd, size, offset + int(row) * size) for row in docs[where] & ROW_MASK)
+            finally:
+                os.close(fd)
+            out[where] = np.frombuffer(data, dtype=np.uint32).reshape(len(where), width)
         return out
 
     def jaccard(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -29,8 +29,9 @@ Memory  steps 1 and 3: one chunk of documents (~256k characters) per worker, wha
         corpus size. Step 2's units: one partition of the band rows (~24 bytes x bands per
         document / partitions) and the corpus's exact-removed doc ids (8 bytes each); its
         connected components: ~50 bytes per verified pair, in this process; duplicates.parquet
-        is streamed shard by shard. Signatures stay on disk (memory-mapped; only the rows of
-        candidate pairs are read). docs/scale.md has the measured figures.
+        is streamed shard by shard, one row group (up to 1 M rows) held at a time. Signatures
+        stay on disk (only the rows of candidate pairs are read). docs/scale.md has the
+        measured figures.
 Resume  every unit of steps 1, 2 and 3 keeps its marker (tasks/corpus/parallel.py); the
         components and the summary are kept as one file each.
 """

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.pretrain import SMOKE, ZH_64M, peak_gib, reset_memory  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from tasks.train.engine import TrainConfig, read_metrics, train  # noqa: E402
+from tasks.train.engine import TrainConfig, train  # noqa: E402
+from tasks.train.metrics import read_metrics  # noqa: E402
 
 SEQ_LEN = 512
 

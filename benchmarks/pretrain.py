@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 from model import ModelConfig  # noqa: E402
 from tasks.shard_reader import ShardReader  # noqa: E402
 from tasks.train.data import PackedBatches  # noqa: E402
-from tasks.train.engine import TrainConfig, device_peak_flops, read_metrics, train  # noqa: E402
+from tasks.train.engine import TrainConfig, train  # noqa: E402
+from tasks.train.metrics import device_peak_flops, read_metrics  # noqa: E402
 from tasks.train.objectives import CausalLM  # noqa: E402
 
 ZH_64M = dict(vocab_size=6400, hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=96,

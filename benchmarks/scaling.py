@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pretrain import SMOKE, ZH_64M  # noqa: E402
-from tasks.train.engine import read_metrics  # noqa: E402
+from tasks.train.metrics import read_metrics  # noqa: E402
 from tasks.train.launch import engine_command  # noqa: E402
 
 

@@ -14,7 +14,11 @@ Read top to bottom:
   decode_step()    one new token per row against the cache. With `attend_len=None` it attends over the
                    whole cache through the mask, so every tensor has a fixed shape and address: the step
                    can be captured once as a CUDA graph (and compiled with torch.compile) and replayed.
-  sample()         repetition penalty -> temperature -> top-k -> top-p -> multinomial (temperature 0: argmax).
+  decode_rows()    the same for rows of different lengths, each at its own position (slot = position,
+                   no padding): the step of the batching server (serve/batching.py).
+  RowSampling      per-row sampling parameters as tensors, so one batch mixes requests.
+  sample()         repetition penalty -> temperature -> top-k -> top-p -> multinomial (temperature 0: argmax),
+                   per row; one generator for the batch or one per row (a seeded request draws alone).
   Engine           owns the model, the tokenizer and the decode "slots" (cache + graph per batch size and
                    cache length); `generate_tokens` is the token loop for a batch; `generate`, `stream`,
                    `chat`, `stream_chat` are text in, text out, with stop strings and finish reasons.
@@ -44,11 +48,13 @@ gives the same tokens as its rows one by one.
 
 Memory: the cache holds 2 * layers * batch * kv_heads * length * head_dim values in the model's dtype
 (zh-64m, bf16, batch 8, 2048 tokens: 200 MB); the static path keeps at most `max_slots` of them.
-Not thread-safe: one generation at a time per Engine (serve/api.py queues requests).
+Not thread-safe: one generation at a time per Engine (serve/batching.py's one scheduler thread
+decodes every request of the server through decode_rows, with a cache of its own).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -61,6 +67,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .hf import load_hf_dir
+from .quantize import META, load_int8_dir
 from .transformer import Transformer
 
 # --------------------------------------------------------------------------- sampling parameters
@@ -122,6 +130,13 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.batch, self.length = batch, length
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows start..stop-1 as a cache of their own: views, so writes land in this cache."""
+        view = object.__new__(KVCache)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        view.valid, view.batch, view.length = self.valid[start:stop], stop - start, self.length
+        return view
 
 
 # --------------------------------------------------------------------------- the cached forward
@@ -219,40 +234,127 @@ def decode_step(
     return model.lm_head(model.norm(x))[:, 0]
 
 
+def decode_rows(
+    model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, attend_len: int | None = None
+) -> torch.Tensor:
+    """One token per row for rows of different lengths (continuous batching, serve/batching.py).
+
+    tokens, positions (B, 1): row b's token is at RoPE position positions[b], is written to cache slot
+    positions[b] (rows are not padded: slot = position, filled from slot 0 by a one-row prefill) and
+    attends to slots 0..positions[b]; whatever a row's later slots hold is never read. attend_len:
+    attend over the first attend_len slots (more than the largest position); None: the whole cache.
+    Advances positions by one in place. Returns the next-token logits (B, vocab).
+    """
+    B = tokens.shape[0]
+    x = model.embed_tokens(tokens)
+    cos, sin = model.rotary(positions)
+    S = cache.length if attend_len is None else attend_len
+    blocked = (torch.arange(S, device=tokens.device) > positions)[:, None, None, :]  # (B, 1, 1, S)
+    rows, slots = torch.arange(B, device=tokens.device), positions[:, 0]
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+        cache.k[i][rows, :, slots] = k[:, :, 0]
+        cache.v[i][rows, :, slots] = v[:, :, 0]
+        y = _attend_one(q, cache.k[i][:, :, :S], cache.v[i][:, :, :S], blocked)
+        x = x + attn.o_proj(y)
+        x = x + _ffn(layer, x)
+    positions.add_(1)
+    return model.lm_head(model.norm(x))[:, 0]
+
+
 # --------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class RowSampling:
+    """The sampling parameters of a batch's rows, as (B, 1) tensors on the device, for `sample`.
+    Rows may differ (a serving batch mixes requests); `of` builds it once per change of the batch,
+    not per step. The flags and k_max are host values, so that `sample` never syncs to decide."""
+
+    temperature: torch.Tensor  # (B, 1) float32; 1.0 on greedy rows (they take the argmax)
+    top_k: torch.Tensor  # (B, 1) long; 0 = off
+    top_p: torch.Tensor  # (B, 1) float32; 1.0 = off
+    penalty: torch.Tensor  # (B, 1) float32; 1.0 = off
+    greedy: torch.Tensor  # (B,) bool
+    greedy_rows: list[bool]
+    k_max: int  # largest top_k (0: no row filters by top-k)
+    any_top_p: bool
+    any_penalty: bool
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], device) -> "RowSampling":
+        # A temperature too small for float32 (2.9e-168 in the serve fuzz) is the limit: argmax.
+        greedy = [p.temperature < torch.finfo(torch.float32).tiny for p in params]
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+        return cls(
+            temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+            top_k=column([p.top_k for p in params], torch.long),
+            top_p=column([p.top_p for p in params], torch.float32),
+            penalty=column([p.repetition_penalty for p in params], torch.float32),
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            greedy_rows=greedy,
+            k_max=max((p.top_k for p, g in zip(params, greedy) if not g), default=0),
+            any_top_p=any(p.top_p < 1.0 for p, g in zip(params, greedy) if not g),
+            any_penalty=any(p.repetition_penalty != 1.0 for p in params),
+        )
 
 
 def sample(
     logits: torch.Tensor,
-    params: SamplingParams,
+    params: SamplingParams | RowSampling,
     seen: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,). `seen` (B, V) bool marks the tokens the penalty applies to.
 
+    `params`: one SamplingParams for every row, or a RowSampling (per-row parameters).
+    `generator`: one for the whole batch (one draw of B tokens), or one per row (None: torch's
+    global generator); a row with its own generator draws exactly as it would in a batch of one, so
+    a seeded request gives the same tokens alone and amid others (up to the float rounding of the
+    batched forward).
     Order as in transformers: repetition penalty, temperature, top-k, top-p (the smallest set of
     tokens whose probability reaches top_p; the most likely token is always kept), then a multinomial
-    draw. temperature == 0 is argmax after the penalty.
+    draw. A greedy row (temperature 0) takes the argmax after the penalty.
     """
+    rows = params if isinstance(params, RowSampling) else RowSampling.of([params] * logits.shape[0], logits.device)
     logits = logits.float()
-    if params.repetition_penalty != 1.0 and seen is not None:
-        p = params.repetition_penalty
+    if rows.any_penalty and seen is not None:
+        p = rows.penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
-    # A temperature too small for float32 (2.9e-168 in the serve fuzz) is the limit: argmax.
-    if params.temperature < torch.finfo(torch.float32).tiny:
+    if all(rows.greedy_rows):
         return logits.argmax(dim=-1)
+    greedy = logits.argmax(dim=-1)
     # Shift the maximum to 0 first (softmax does not change): a tiny temperature then sends the other
     # logits to -inf instead of every logit to +-inf, whose softmax is NaN.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
-    if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / rows.temperature
+    if rows.k_max:
+        V = logits.shape[-1]
+        top = logits.topk(min(rows.k_max, V), dim=-1).values
+        kth = top.gather(-1, rows.top_k.clamp(1, top.shape[-1]) - 1)  # each row's k-th largest logit
+        logits = logits.masked_fill((logits < kth) & (rows.top_k > 0), float("-inf"))
+    if rows.any_top_p:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p  # mass before this token already reaches top_p
+        drop = (probs.cumsum(dim=-1) - probs) >= rows.top_p  # mass before this token already reaches top_p
+        drop &= rows.top_p < 1.0
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(dim=-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:  # one generator per row: seeded rows draw alone, the others together from the global one
+        drawn = greedy.clone()
+        shared = [b for b, (g, gr) in enumerate(zip(generator, rows.greedy_rows)) if g is None and not gr]
+        if shared:
+            idx = torch.tensor(shared, device=logits.device)
+            drawn[idx] = torch.multinomial(probs[idx], 1).squeeze(-1)
+        for b, (g, gr) in enumerate(zip(generator, rows.greedy_rows)):
+            if g is not None and not gr:
+                drawn[b] = torch.multinomial(probs[b : b + 1], 1, generator=g)[0, 0]
+    return torch.where(rows.greedy, greedy, drawn)
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -352,6 +454,28 @@ class _Row:
     emitted: int = 0  # characters of `text` already handed out
     finish_reason: str | None = None
 
+    def take(self, token: int, last: bool, stop_ids: set[int], stops: Sequence[str]) -> None:
+        """Add one sampled token (the row is not finished yet): a stop token finishes it ("stop"),
+        as does a stop string completed by the new text (cut off) or the last allowed token ("length")."""
+        self.num_generated += 1
+        if token in stop_ids:
+            self.finish_reason = "stop"
+            delta = self.detok.flush()
+        else:
+            self.ids.append(token)
+            delta = self.detok.push(token)
+            if last:
+                self.finish_reason = "length"
+                delta += self.detok.flush()
+        if delta:
+            before = len(self.text)
+            self.text += delta
+            if stops:
+                longest = max(len(s) for s in stops)
+                hit = _find_stop(self.text, stops, max(0, before - longest + 1))
+                if hit >= 0:
+                    self.text, self.finish_reason = self.text[:hit], "stop"
+
 
 # --------------------------------------------------------------------------- the engine
 
@@ -378,6 +502,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def inference_autocast(device: torch.device):
+    """What a stage process's own scoring (held-out losses, reference log-probs, rewards) runs under: bf16
+    autocast on CUDA, as the training engine trains there (precision auto), fp32 on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class Engine:
@@ -447,9 +577,6 @@ class Engine:
         torch's int8 weight kernel, elsewhere they are dequantized per matmul). Weights are read with
         safetensors only (never pickle); a directory without weights fails with FileNotFoundError.
         A directory without tokenizer files gives an Engine for token ids only."""
-        from .hf import load_hf_dir
-        from .quantize import META, load_int8_dir
-
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: pass a directory written by model.save_hf_dir")
@@ -580,10 +707,11 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
+        rows = RowSampling.of([params] * B, self.device)
         logits = prefill(self.model, slot.cache, ids, pad)
         slot.positions.copy_(torch.tensor(lengths, device=self.device)[:, None])
         slot.write_pos.fill_(T)
-        nxt = sample(logits, params, seen, generator)
+        nxt = sample(logits, rows, seen, generator)
 
         def advance(step: int, nxt: torch.Tensor) -> torch.Tensor:
             """Feed step's tokens back and sample the next ones (all queued on the device, no sync)."""
@@ -591,7 +719,7 @@ class Engine:
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
             logits = self._decode(slot, attend_len=T + step + 1, padded=any(pad))
-            return sample(logits, params, seen, generator)
+            return sample(logits, rows, seen, generator)
 
         # Pipelined (default on CUDA): the next step is queued before this step's tokens are read
         # back, so the GPU computes while the host checks stops and detokenizes; the only wait per
@@ -674,30 +802,12 @@ class Engine:
         tok = self._need_tokenizer()
         stop_ids = set(self.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
         stops = list(params.stop)
-        longest = max((len(s) for s in stops), default=0)
         rows = [_Row(Detokenizer(tok), len(p)) for p in prompts]
         steps = min(params.max_new_tokens, self.config.max_seq_len - max(len(p) for p in prompts))
         for step, tokens in enumerate(self.generate_tokens(prompts, params)):
             for row, t in zip(rows, tokens):
-                if row.finish_reason is not None:
-                    continue
-                row.num_generated += 1
-                if t in stop_ids:
-                    row.finish_reason = "stop"
-                    delta = row.detok.flush()
-                else:
-                    row.ids.append(t)
-                    delta = row.detok.push(t)
-                    if step == steps - 1:
-                        row.finish_reason = "length"
-                        delta += row.detok.flush()
-                if delta:
-                    before = len(row.text)
-                    row.text += delta
-                    if stops:
-                        hit = _find_stop(row.text, stops, max(0, before - longest + 1))
-                        if hit >= 0:
-                            row.text, row.finish_reason = row.text[:hit], "stop"
+                if row.finish_reason is None:
+                    row.take(t, step == steps - 1, stop_ids, stops)
             yield rows
             if all(r.finish_reason is not None for r in rows):
                 return
@@ -731,13 +841,23 @@ class Engine:
         params = params or SamplingParams()
         ids = self._as_ids(prompt)
         for (row,) in self._rows([ids], params):
-            safe = len(row.text) if row.finish_reason else len(row.text) - _held_back(row.text, params.stop)
-            if safe > row.emitted or row.finish_reason:
-                piece, row.emitted = row.text[row.emitted : safe], max(safe, row.emitted)
-                if row.finish_reason:
-                    yield Chunk(piece, row.finish_reason, self._completion(row, params.stop))
+            chunk = self.next_chunk(row, params.stop)
+            if chunk is not None:
+                yield chunk
+                if chunk.finish_reason:
                     return
-                yield Chunk(piece)
+
+    def next_chunk(self, row: _Row, stops: Sequence[str]) -> Chunk | None:
+        """The text of `row` not yet handed out, as a Chunk (the last one, with the Completion, once the
+        row has finished), or None while nothing new is safe to show: text that might be the start of
+        a stop string is held back until it is known not to be one."""
+        safe = len(row.text) if row.finish_reason else len(row.text) - _held_back(row.text, stops)
+        if not (safe > row.emitted or row.finish_reason):
+            return None
+        piece, row.emitted = row.text[row.emitted : safe], max(safe, row.emitted)
+        if row.finish_reason:
+            return Chunk(piece, row.finish_reason, self._completion(row, stops))
+        return Chunk(piece)
 
     def chat(self, messages: Sequence[dict], params: SamplingParams | None = None) -> Completion:
         """The assistant's reply to `messages` ([{role, content}], through the chat template)."""

@@ -23,6 +23,10 @@ written and tie_word_embeddings is true. rope_scaling goes into
 load_hf_dir(path) reads such a directory back, or a stock Qwen2 / Qwen2.5 /
 Qwen3 / Qwen3-MoE / Qwen2-MoE directory (sharded safetensors, either expert
 layout) for continued pretraining, and returns (Transformer, ModelConfig).
+
+transformers (its AutoConfig reads and checks config.json) is imported inside the two functions
+that use it: every user of `model` imports this module, and transformers adds seconds of start-up
+that the training engine and the generation engine do not otherwise pay.
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ float copy of the model while the int8 modules are swapped in, then int8
 weights (1 byte each + 4 bytes per row) and the float norms/routers.
 Fails: FileNotFoundError naming the directory when config.json or the weights
 file is missing; ValueError when a scale is missing for an int8 tensor.
+transformers is imported inside load_int8_dir only, as in model/hf.py (its start-up time; the
+generation engine imports this module).
 """
 
 from __future__ import annotations

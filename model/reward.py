@@ -14,8 +14,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .hf import load_hf_dir, save_hf_dir
 from .transformer import Transformer
 
 HEAD_FILE = "head.safetensors"
@@ -78,10 +80,6 @@ def engine_model(spec: dict) -> RewardModel:
     """The engine's model builder (run.json "model": {"builder": "reward_head" (tasks/train/builders.py),
     "init_from": HF dir, "head": head.safetensors path | None, "head_std": float}): the backbone of
     `init_from` with the given head, or a fresh one (zero, or N(0, head_std) from the engine's seed)."""
-    from safetensors.torch import load_file
-
-    from .hf import load_hf_dir
-
     backbone = load_hf_dir(spec["init_from"])[0]
     head = load_file(spec["head"]) if spec.get("head") else None
     return RewardModel.from_backbone(backbone, head, float(spec.get("head_std", 0.0)))
@@ -89,10 +87,6 @@ def engine_model(spec: dict) -> RewardModel:
 
 def save_reward_model(model: RewardModel, tokenizer_dir: Path | None, out_dir: Path) -> Path:
     """model -> out_dir/model (HF directory + tokenizer files), out_dir/head.safetensors, reward.json."""
-    from safetensors.torch import save_file
-
-    from .hf import save_hf_dir
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_hf_dir(model.backbone(), tokenizer_dir, out_dir / BACKBONE_DIR)
@@ -105,10 +99,6 @@ def save_reward_model(model: RewardModel, tokenizer_dir: Path | None, out_dir: P
 
 def load_reward_model(path: str | Path) -> RewardModel:
     """A directory written by save_reward_model (a reward artifact) -> RewardModel in eval mode."""
-    from safetensors.torch import load_file
-
-    from .hf import load_hf_dir
-
     path = Path(path)
     if not (path / HEAD_FILE).is_file() or not (path / BACKBONE_DIR / "config.json").is_file():
         raise RewardModelError(f"{path} is not a reward model directory (expected {BACKBONE_DIR}/config.json and "

@@ -30,14 +30,13 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, type=_model_dir, metavar="DIR",
                    help="HF-format model directory with tokenizer files")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decode step (static cache; each new batch/length bucket compiles once, "
-                        "~10 s). Default: on for `slm serve` on a GPU (3x the decode speed of the CUDA graph "
-                        "alone), off for `slm chat` and on the CPU")
 
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     _engine_arguments(p)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (static cache; each new batch/length bucket compiles once, "
+                        "~10 s; 3x the decode speed of the CUDA graph alone on a GPU). Default: off")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -54,7 +53,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body")
-    p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond this get 503")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=32,
+                   help="requests waiting for a place in the batch beyond this get 503")
     p.add_argument("--api-key", default=os.environ.get("SLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $SLM_API_KEY, else none)")
 

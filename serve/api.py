@@ -28,10 +28,13 @@ above the cap and prompts over the limit (code context_length_exceeded); 401 for
 missing/wrong API key (when one is set); 404 for an unknown model or route; 413 for a body over
 max_body_bytes; 503 when the queue is full. A bad request never stops the server.
 
-Execution: one worker thread owns the Engine and runs one generation at a time; requests wait in a
-bounded queue (max_queue). A client that disconnects mid-stream cancels its generation at the next
-token. Security: binds 127.0.0.1 unless told otherwise (the CLI warns), weights load through
-safetensors only, request bodies and max_tokens are capped, the page is served with a strict CSP.
+Execution: continuous batching (serve/batching.py): one scheduler thread owns the Engine and decodes
+up to max_batch requests together, one batched forward per token; a request joins at the next step
+and leaves when done. Beyond max_batch generating and max_queue waiting, requests get 503. A client
+that disconnects mid-stream cancels its generation at the next token, freeing its row.
+GET /metrics: the scheduler's counters (requests, tokens, steps, largest batch) in Prometheus' format.
+Security: binds 127.0.0.1 unless told otherwise (the CLI warns), weights load through safetensors
+only, request bodies and max_tokens are capped, the page is served with a strict CSP.
 """
 
 from __future__ import annotations
@@ -39,20 +42,20 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import queue
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batching import Job, Overloaded, Scheduler
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -67,6 +70,7 @@ class ServeConfig:
     default_max_tokens: int = 512
     max_prompt_tokens: int | None = None
     max_queue: int = 32
+    max_batch: int = 32
     api_key: str | None = None
 
 
@@ -178,81 +182,7 @@ class CompletionRequest(_Body):
             raise APIError(400, "max_tokens must be >= 1 (0 is allowed with echo only)", param="max_tokens")
 
 
-# --------------------------------------------------------------------------- the generation worker
-
-
-@dataclass
-class _Job:
-    prompt_ids: list[int]
-    params: Any  # model.generate.SamplingParams, or None: generate nothing (echo with max_tokens 0)
-    loop: asyncio.AbstractEventLoop
-    top_logprobs: int | None = None  # not None: score prompt + completion, with this many alternatives
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            self.cancelled.set()
-
-
-class Worker:
-    """One thread that owns the Engine: jobs run one at a time, in arrival order, from a bounded queue."""
-
-    def __init__(self, engine, max_queue: int):
-        self.engine = engine
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.thread = threading.Thread(target=self._loop, name="slm-generate", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        try:
-            self.jobs.put(None, timeout=timeout)
-        except queue.Full:
-            pass
-        self.thread.join(timeout)
-
-    def submit(self, job: _Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise APIError(503, "the server is busy (request queue full); retry later", type="server_error",
-                           code="overloaded") from None
-
-    def _loop(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                continue
-            chunks = self.engine.stream(job.prompt_ids, job.params) if job.params is not None else _nothing(job)
-            try:
-                for chunk in chunks:
-                    if job.cancelled.is_set():  # the client went away: stop at this token
-                        break
-                    if chunk.finish_reason is not None and job.top_logprobs is not None:
-                        scored = job.prompt_ids + chunk.completion.token_ids
-                        if len(scored) > 1:
-                            chunk.completion.logprobs = self.engine.token_logprobs(scored, job.top_logprobs)
-                    job.put(chunk)
-            except Exception as err:  # reported to this request only; the worker goes on
-                job.put(err)
-            finally:
-                chunks.close()
-
-
-def _nothing(job: _Job):
-    """The stream of a job that generates no token: one final chunk."""
-    from model.generate import Chunk, Completion
-
-    yield Chunk("", "length", Completion("", [], "length", len(job.prompt_ids), 0))
-
-
-async def _chunks(job: _Job) -> AsyncIterator:
+async def _chunks(job: Job) -> AsyncIterator:
     """The job's Chunks as they arrive; cancels the job if the consumer goes away early."""
     try:
         while True:
@@ -286,17 +216,17 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, engine=
     context = engine.config.max_seq_len
     max_prompt = min(cfg.max_prompt_tokens or context - 1, context - 1)
     created = int(time.time())
-    worker = Worker(engine, cfg.max_queue)
+    scheduler = Scheduler(engine, cfg.max_batch, cfg.max_queue)
     token_text = TokenText(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app):
-        worker.start()
+        scheduler.start()
         yield
-        await run_in_threadpool(worker.stop)
+        await run_in_threadpool(scheduler.stop)
 
     app = FastAPI(title="slm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.worker, app.state.model_name = engine, worker, model_name
+    app.state.engine, app.state.scheduler, app.state.model_name = engine, scheduler, model_name
 
     @app.exception_handler(APIError)
     async def _api_error(request, err: APIError):
@@ -384,12 +314,16 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, engine=
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def start(prompt_ids, params, top_logprobs: int | None = None) -> _Job:
-        job = _Job(prompt_ids, params, asyncio.get_running_loop(), top_logprobs)
-        worker.submit(job)
+    async def start(prompt_ids, params, top_logprobs: int | None = None) -> Job:
+        job = Job(prompt_ids, params, asyncio.get_running_loop(), top_logprobs)
+        try:
+            scheduler.submit(job)
+        except Overloaded:
+            raise APIError(503, "the server is busy (request queue full); retry later", type="server_error",
+                           code="overloaded") from None
         return job
 
-    def streaming(job: _Job, first: dict | None, frame, final, include_usage: bool, base: dict):
+    def streaming(job: Job, first: dict | None, frame, final, include_usage: bool, base: dict):
         """SSE: an optional first frame, one frame per text piece, a final frame, usage, [DONE]."""
 
         async def events():
@@ -410,7 +344,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, engine=
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    async def finish(job: _Job):
+    async def finish(job: Job):
         async for chunk in _chunks(job):
             if chunk.finish_reason is not None:
                 return chunk.completion
@@ -421,6 +355,17 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, engine=
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        """The scheduler's counters in Prometheus' text format (slm_requests_total, slm_tokens_total,
+        slm_decode_steps_total, slm_batch_size_max, slm_active_requests, slm_waiting_requests)."""
+        check_key(request)
+        m = scheduler.metrics()
+        lines = [f"slm_requests_total {m['requests']}", f"slm_tokens_total {m['tokens']}",
+                 f"slm_decode_steps_total {m['steps']}", f"slm_batch_size_max {m['max_batch_seen']}",
+                 f"slm_active_requests {m['active']}", f"slm_waiting_requests {m['waiting']}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "slm",
@@ -565,20 +510,14 @@ def main(args) -> int:
         print(f"warning: binding {args.host} exposes the model to the network"
               + ("" if args.api_key else " without an API key (set --api-key or SLM_API_KEY)"), file=sys.stderr)
     config = ServeConfig(model_name=args.name, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
-                         max_queue=args.max_queue, api_key=args.api_key)
-    from model.generate import resolve_device
-
-    compile = args.compile if args.compile is not None else resolve_device(args.device).type == "cuda"
+                         max_queue=args.max_queue, max_batch=args.max_batch, api_key=args.api_key)
     try:
-        app = create_app(args.model, config, device=args.device, compile=compile, static=True if compile else None)
+        app = create_app(args.model, config, device=args.device)
     except (ValueError, OSError) as err:  # no tokenizer, unreadable weights, ...: one line, exit 2
         from storage.errors import SlmError
 
         raise SlmError(f"cannot serve {args.model}: {err}") from None
     engine = app.state.engine
-    if compile:
-        print("compiling the decode step (one-time)...", file=sys.stderr, flush=True)
-        engine.warmup(1, min(config.default_max_tokens + 256, engine.config.max_seq_len))  # a typical request
     print(f"serving {app.state.model_name} on {engine.device}: http://{args.host}:{args.port}/ "
           f"(API: http://{args.host}:{args.port}/v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

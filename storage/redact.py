@@ -21,6 +21,8 @@ import re
 from typing import Any
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
+from storage.errors import SlmError
+
 MASK = "***"
 # Query parameter names that hold credentials (token, access_token, api_key, X-Amz-Signature, ...).
 _SECRET_NAME = re.compile(
@@ -94,8 +96,6 @@ def redact(value: Any, env: bool = True) -> Any:
 def scrubbed(err: BaseException) -> BaseException | None:
     """None when the error's message holds no secret; otherwise an SlmError with the message
     redacted, to raise `from None` (so neither the original message nor its chain is printed)."""
-    from storage.errors import SlmError
-
     message = str(err)
     clean = redact_text(message)
     if clean == message:

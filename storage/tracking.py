@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 MAX_PARAM_CHARS = 500
@@ -69,8 +70,6 @@ class Tracker:
         return run.info.run_id
 
     def log_metrics(self, run_id: str, values: dict[str, float], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -175,6 +175,11 @@ class Outcome:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
+
+def most_common(reasons: dict[str, int], k: int = 3) -> str:
+    """The k most frequent failure reasons as "reason (count), ..."."""
+    return ", ".join(f"{r} ({n})" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:k])
+
 def outcome(index: int, text: str, reasoning: str | None, finish_reason: str | None, keep_reasoning: bool) -> Outcome:
     answer, inline = split_reasoning(text or "")
     reasoning = (reasoning or inline or "").strip() or None
@@ -385,8 +390,8 @@ def run(cfg: DistillDataConfig, inputs: dict, out) -> StageResult:
                                 ensure_ascii=False) + "\n")
     failures = reason_counts([{"reason": results[i]["reason"]} for i in failed])
     if not answered:
-        common = ", ".join(f"{r} ({n})" for r, n in sorted(failures.items(), key=lambda x: -x[1])[:3])
-        raise DistillDataError(f"the teacher answered none of {len(prompts)} prompts: {common}; see the reasons "
+        raise DistillDataError(f"the teacher answered none of {len(prompts)} prompts: {most_common(failures)}; "
+                               f"see the reasons "
                                f"in {out.path / 'failed_prompts.jsonl'}; rerunning asks the failed prompts again")
     dataset = out.path / DATASET
     dataset.parent.mkdir(parents=True, exist_ok=True)
@@ -410,7 +415,9 @@ def run(cfg: DistillDataConfig, inputs: dict, out) -> StageResult:
                 "truncated": truncated, "with_reasoning": with_reasoning, "quarantined": len(bad)},
         dropped=dropped,
         summary=(f"{len(answered)} of {len(prompts)} prompts answered by the teacher ({teacher_info['kind']} "
-                 f"{teacher_info.get('model') or teacher_info.get('path')}), {len(failed)} failed, {truncated} cut at "
+                 f"{teacher_info.get('model') or teacher_info.get('path')}), {len(failed)} failed"
+                 f"{f' ({most_common(failures)})' if failures else ''}, "
+                 f"{truncated} cut at "
                  f"{cfg.max_new_tokens} tokens, {with_reasoning} with reasoning; {DATASET} in OpenAI messages format"),
         extra={"dataset": DATASET, "format": "openai", "teacher": teacher_info, "failed_prompts": "failed_prompts.jsonl"},
     )

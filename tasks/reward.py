@@ -62,8 +62,7 @@ def pair_scores(model, arrays: dict[str, np.ndarray], batch: int = 16) -> tuple[
     to the GPU when there is one, scored under bf16 autocast there as in training)."""
     import torch
 
-    from model.generate import resolve_device
-    from tasks.train.engine import inference_autocast
+    from model.generate import inference_autocast, resolve_device
     from tasks.train.objectives import RewardBT
 
     device = resolve_device(None)

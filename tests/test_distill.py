@@ -29,7 +29,7 @@ from tasks.distill import DistillError
 from tasks.distill_data import END_THINK, THINK, render, split_reasoning
 from tasks.registry import all_stages
 from tasks.runner import open_tracker, run_stage
-from tasks.train.chats import PackedChats, heldout_loss
+from tasks.train.chats import PackedChats, heldout_assistant_loss
 from tasks.train.finetune import prepare
 from tasks.train.stage import load_tokenizer
 from tasks.train import checkpoint as ckpt
@@ -250,8 +250,8 @@ def test_black_box_distillation_from_an_openai_compatible_server(models, server,
     tuned = run_stage(all_stages()["distill_sft"], p, inputs, store, tracker)
     docs = [fit_length(*encode_conversation(models.tok, r["messages"]), SEQ + 1, FitStats()) for r in records]
     docs = [d for d in docs if d is not None]
-    before = heldout_loss(student, docs, SEQ, models.tok.pad_token_id)
-    after = heldout_loss(store.local_path(tuned, "hf/config.json").parent, docs, SEQ, models.tok.pad_token_id)
+    before = heldout_assistant_loss(student, docs, SEQ, models.tok.pad_token_id)
+    after = heldout_assistant_loss(store.local_path(tuned, "hf/config.json").parent, docs, SEQ, models.tok.pad_token_id)
     print(f"student loss on the teacher's answers {before:.3f} -> {after:.3f} nats/token")
     assert after < before - 1.0
     assert tuned.extra["heldout_loss_after"] < tuned.extra["heldout_loss_before"]

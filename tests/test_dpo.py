@@ -118,12 +118,16 @@ def test_dpo_raises_heldout_accuracy_and_margin_above_sft(setup, tmp_path):
 
 def dpo_run(setup, tmp_path, name: str, **train):
     """A run dir with the engine job of a DPO run (run.json) on the setup's pairs."""
+    return pair_run(setup, tmp_path, name, {"init_from": str(setup["sft"])}, {"name": "dpo", "beta": BETA}, **train)
+
+
+def pair_run(setup, tmp_path, name: str, model: dict, objective: dict, **train):
+    """A run dir with an engine job (run.json) training `model` with `objective` on the setup's pairs."""
     for split in ("train", "val"):
         if not (tmp_path / f"{split}.npz").exists():
             np.savez(tmp_path / f"{split}.npz", **setup[split])
     data = {"builder": "pairs", "train": str(tmp_path / "train.npz"), "validation": str(tmp_path / "val.npz"), "seed": 1}
-    return write_job(tmp_path / name, {"init_from": str(setup["sft"])}, data, {"name": "dpo", "beta": BETA},
-                     **{"lr": 1e-3, **train})
+    return write_job(tmp_path / name, model, data, objective, **{"lr": 1e-3, **train})
 
 
 def test_kill_9_then_resume_reproduces_dpo_exactly(setup, tmp_path):
@@ -135,3 +139,11 @@ def test_kill_9_then_resume_reproduces_dpo_exactly(setup, tmp_path):
 def test_dpo_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup, tmp_path):
     """Compiled on the GPU, held-out pairs evaluated every 4 steps and at the end, kill -9 and resume."""
     assert_compiled_runs_evaluate_and_resume(lambda n, **train: dpo_run(setup, tmp_path, n, **train), 16, 5)
+
+
+@needs_cuda
+def test_reward_model_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup, tmp_path):
+    """The reward model (a scalar head on the SFT backbone, Bradley-Terry loss) the same way."""
+    model = {"builder": "reward_head", "init_from": str(setup["sft"]), "head_std": 0.02}
+    assert_compiled_runs_evaluate_and_resume(
+        lambda n, **train: pair_run(setup, tmp_path, n, model, {"name": "reward_bt"}, **train), 16, 5)

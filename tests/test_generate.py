@@ -99,6 +99,32 @@ def test_batch_of_different_lengths_equals_one_by_one(engine, static_engine, sta
     assert [c.token_ids for c in texts] == alone
 
 
+@pytest.mark.parametrize("whole_cache", [False, True], ids=["prefix", "whole-cache"])
+def test_rows_at_different_positions_decode_as_alone(engine, whole_cache):
+    """decode_rows (serve/batching.py's step): rows of different lengths, each prefilled alone into its
+    cache row, decoded together, give each row's greedy tokens alone; attending over the whole cache
+    (the CUDA-graph shape) or over the longest prefix only is the same."""
+    from model.generate import KVCache, decode_rows, prefill
+
+    prompts = [engine.encode(t) for t in PROMPTS]
+    alone = [engine.generate_tokens_list([p], GREEDY)[0] for p in prompts]
+    cache = KVCache(engine.model, len(prompts) + 1, 64, "cpu", torch.float32)  # + a free row that computes junk
+    tokens = torch.zeros(len(prompts) + 1, 1, dtype=torch.long)
+    got = [[] for _ in prompts]
+    with torch.inference_mode():
+        for r, p in enumerate(prompts):
+            tokens[r, 0] = prefill(engine.model, cache.rows(r, r + 1), torch.tensor([p]), [0]).argmax(-1)[0]
+            got[r].append(int(tokens[r, 0]))
+        lengths = [len(p) for p in prompts] + [0]
+        for step in range(GREEDY.max_new_tokens - 1):
+            positions = torch.tensor(lengths)[:, None] + step
+            attend = None if whole_cache else int(positions.max()) + 1
+            tokens[:, 0] = decode_rows(engine.model, cache, tokens, positions, attend).argmax(-1)
+            for r in range(len(prompts)):
+                got[r].append(int(tokens[r, 0]))
+    assert got == alone
+
+
 def test_pipelined_loop_gives_the_same_tokens(model_dir, static_engine):
     """The loop CUDA uses (step t+1 queued before step t's tokens are read), run here on the CPU:
     same tokens, stops and finish reasons as the plain loop, for greedy, sampling with a penalty,

@@ -18,7 +18,7 @@ import torch
 from storage.artifacts import ArtifactStore
 from tasks.grpo import GrpoConfig, run
 from tasks.train.data import IGNORE
-from tasks.train.engine import read_metrics
+from tasks.train.metrics import read_metrics
 from tasks.train.objectives import GRPO, clipped_policy_loss, k3_kl, masked_row_mean
 from tasks.train.rollout import group_advantages, reply_rows
 from tests.rl_support import CHATTERBOT, SEQ, sft_policy

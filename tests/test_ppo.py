@@ -15,7 +15,8 @@ from model.reward import engine_model
 from storage.artifacts import ArtifactStore
 from tasks.ppo import VALUE_HEAD, PpoConfig, run
 from tasks.train.data import IGNORE
-from tasks.train.engine import TrainConfig, read_metrics
+from tasks.train.engine import TrainConfig
+from tasks.train.metrics import read_metrics
 from tasks.train.objectives import clipped_value_loss
 from tasks.train.rollout import RolloutBatches, gae
 from tests.rl_support import CHATTERBOT, SEQ, sft_policy

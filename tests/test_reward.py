@@ -20,7 +20,7 @@ from storage.artifacts import ArtifactStore
 from tasks.train.pairs import encode_pairs
 from tasks.reward import RewardConfig, pair_metrics, run
 from tasks.train.stage import load_tokenizer
-from tasks.train.engine import read_metrics
+from tasks.train.metrics import read_metrics
 from tasks.train.objectives import RewardBT, reply_end
 from tests.chat_support import chatterbot_conversations, make_model_dir, make_tokenizer_dir
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tasks.chat_data import FitStats, encode_conversation, fit_length
-from tasks.train.chats import ChatValidation, PackedChats, heldout_loss, save_conversations
+from tasks.train.chats import ChatValidation, PackedChats, heldout_assistant_loss, save_conversations
 from tasks.train.finetune import prepare
 from tasks.train.stage import load_tokenizer
 from tasks.train import checkpoint as ckpt
@@ -77,26 +77,28 @@ def test_sft_raises_heldout_likelihood(setup, tmp_path):
     from model import load_hf_dir
 
     pad = setup["tok"].pad_token_id
-    before = heldout_loss(setup["model"], setup["val"], SEQ, pad)
+    before = heldout_assistant_loss(setup["model"], setup["val"], SEQ, pad)
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=150, seq_len=SEQ, micro_batch=8, lr=5e-3, warmup_steps=5,
                       schedule="cosine", log_every=20, threads=1)
     result = train(cfg, lambda: load_hf_dir(setup["model"])[0], SFT(), PackedChats(setup["train"], SEQ, pad, 0),
                    ChatValidation(setup["val"], SEQ, pad))
     ckpt.export_hf(ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints"), setup["model"], tmp_path / "hf")
-    after = heldout_loss(tmp_path / "hf", setup["val"], SEQ, pad)
+    after = heldout_assistant_loss(tmp_path / "hf", setup["val"], SEQ, pad)
     print(f"held-out assistant NLL {before:.3f} -> {after:.3f} nats/token")
     assert after < before - 1.0
     assert abs(result["val"]["val_loss"] - after) < 1e-3  # the engine's eval is the same measure
 
 
-def sft_run(setup, tmp_path, name: str, **train):
-    """A run dir with the engine job of an SFT run (run.json) on the setup's conversations."""
+def sft_run(setup, tmp_path, name: str, objective: dict | None = None, **train):
+    """A run dir with the engine job of an SFT run (run.json) on the setup's conversations (or of
+    another objective on them: distillation)."""
     for split in ("train", "val"):
         if not (tmp_path / f"{split}.npz").exists():
             save_conversations(tmp_path / f"{split}.npz", setup[split])
     data = {"builder": "chats", "train": str(tmp_path / "train.npz"), "validation": str(tmp_path / "val.npz"),
             "pad_id": setup["tok"].pad_token_id, "seed": 1}
-    return write_job(tmp_path / name, {"init_from": str(setup["model"])}, data, {"name": "sft"}, **{"lr": 3e-3, **train})
+    return write_job(tmp_path / name, {"init_from": str(setup["model"])}, data, objective or {"name": "sft"},
+                     **{"lr": 3e-3, **train})
 
 
 def test_kill_9_then_resume_reproduces_sft_exactly(setup, tmp_path):
@@ -108,6 +110,13 @@ def test_kill_9_then_resume_reproduces_sft_exactly(setup, tmp_path):
 def test_sft_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup, tmp_path):
     """Compiled on the GPU, held-out chats evaluated every 4 steps and at the end, kill -9 and resume."""
     assert_compiled_runs_evaluate_and_resume(lambda n, **train: sft_run(setup, tmp_path, n, **train), 16, 20)
+
+
+@needs_cuda
+def test_distill_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup, tmp_path):
+    """White-box distillation (a frozen teacher inside the objective, here the student's own start) the same way."""
+    distill = {"name": "distill", "teacher": str(setup["model"]), "temperature": 2.0, "alpha": 0.5}
+    assert_compiled_runs_evaluate_and_resume(lambda n, **train: sft_run(setup, tmp_path, n, distill, **train), 16, 20)
 
 
 def test_lora_trains_adapters_only_and_merges_to_the_same_hf_format(setup, tmp_path):
@@ -144,7 +153,7 @@ def test_lora_trains_adapters_only_and_merges_to_the_same_hf_format(setup, tmp_p
     x = torch.from_numpy(setup["train"][0][0][None, :-1].astype(np.int64))
     with torch.no_grad():
         torch.testing.assert_close(merged(x), adapted(x), atol=1e-4, rtol=1e-4)
-    before = heldout_loss(base_dir, setup["val"], SEQ, pad)
-    after = heldout_loss(tmp_path / "hf", setup["val"], SEQ, pad)
+    before = heldout_assistant_loss(base_dir, setup["val"], SEQ, pad)
+    after = heldout_assistant_loss(tmp_path / "hf", setup["val"], SEQ, pad)
     print(f"LoRA held-out assistant NLL {before:.3f} -> {after:.3f}")
     assert after < before - 0.03  # a 64-wide model adapts little through rank-8 adapters; still a real drop

@@ -9,8 +9,9 @@ import torch
 
 from model import ModelConfig, Transformer
 from tasks.train import checkpoint as ckpt
-from tasks.train.data import IGNORE, ArrayDocuments, PackedBatches, PackedRows, ValidationRows
-from tasks.train.engine import param_groups, read_metrics, split_rows
+from tasks.train.data import IGNORE, ArrayDocuments, PackedBatches, PackedRows, ValidationRows, split_rows
+from tasks.train.engine import param_groups
+from tasks.train.metrics import read_metrics
 from tasks.train.schedule import Schedule
 
 EOS = 1

@@ -21,7 +21,7 @@ from tasks.runner import run_stage
 from tasks.shard_reader import ShardReader
 from tasks.train import CausalLM, PackedBatches, TrainConfig, ValidationRows, train
 from tasks.train.data import IGNORE
-from tasks.train.engine import read_metrics
+from tasks.train.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from token_corpus import corpus_records, documents_artifact  # noqa: E402

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.train import checkpoint as ckpt
-from tasks.train.engine import EXIT_STOPPED, read_metrics
+from tasks.train.engine import EXIT_STOPPED
+from tasks.train.metrics import read_metrics
 from tasks.train.launch import _alive, run_engine
 
 ROOT = Path(__file__).resolve().parents[1]

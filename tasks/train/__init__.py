@@ -11,7 +11,7 @@ the engine module twice.
 from importlib import import_module
 
 _EXPORTS = {
-    "ArrayDocuments": "data", "PackedBatches": "data", "PackedRows": "data", "ValidationRows": "data", "EXIT_STOPPED": "engine", "TrainConfig": "engine", "read_metrics": "engine",
+    "ArrayDocuments": "data", "PackedBatches": "data", "PackedRows": "data", "ValidationRows": "data", "EXIT_STOPPED": "engine", "TrainConfig": "engine", "read_metrics": "metrics",
     "train": "engine", "CausalLM": "objectives", "Schedule": "schedule",
 }
 __all__ = sorted(_EXPORTS)

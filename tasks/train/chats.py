@@ -11,8 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from model import load_hf_dir
+from model.generate import inference_autocast, resolve_device
 from tasks.train.data import IGNORE, ArrayDocuments, strided_batches
+from tasks.train.objectives import SFT
 
 
 def save_conversations(path: Path, docs: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -146,15 +150,8 @@ def engine_data(dspec: dict, cfg) -> tuple[PackedChats, ChatValidation | None]:
     return data, val
 
 
-def heldout_loss(model_path: Path, docs, seq_len: int, pad_id: int) -> float:
+def heldout_assistant_loss(model_path: Path, docs, seq_len: int, pad_id: int) -> float:
     """Mean NLL per held-out assistant token of the HF model at model_path (nats)."""
-    import torch
-
-    from model import load_hf_dir
-    from model.generate import resolve_device
-    from tasks.train.engine import inference_autocast
-    from tasks.train.objectives import SFT
-
     device = resolve_device(None)  # on the GPU when there is one: a 64M model over the held-out set is minutes on CPUs
     model = load_hf_dir(model_path)[0].to(device).eval()
     val, obj = ChatValidation(docs, seq_len, pad_id), SFT()

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from model import ModelConfig, Transformer, save_hf_dir
+
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -257,8 +259,6 @@ def load_optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.
 
 def export_hf(checkpoint: Path, tokenizer_dir: Path | None, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
     """A checkpoint -> a Hugging Face directory (model/hf.save_hf_dir) with the tokenizer files."""
-    from model import ModelConfig, Transformer, save_hf_dir
-
     cfg = ModelConfig.from_dict(load_model_config(checkpoint))
     model = Transformer(cfg)
     model.load_state_dict(load_weights(checkpoint), strict=True)

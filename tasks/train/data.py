@@ -17,7 +17,7 @@ positions restart at each document start (and at each row start, for a
 continued document: RoPE only sees relative positions anyway).
 
 The rows of a step do not depend on the number of processes: every rank packs
-the same global stream and takes its own rows (see engine.split_rows), so the
+the same global stream and takes its own rows (see split_rows), so the
 data order, the cursor and a resume are the same on 1 or 8 GPUs.
 
 Memory: the pending tokens (< one row plus the longest document) and one
@@ -252,3 +252,26 @@ def strided_batches(arrays: dict[str, np.ndarray], rows: int, world: int, rank: 
     n = len(next(iter(arrays.values())))
     for start in range(rank * rows, n, rows * world):
         yield {k: v[start:start + rows] for k, v in arrays.items()}
+
+
+# --------------------------------------------------------------------------- a step's rows on this rank
+
+
+def split_rows(batch: dict[str, np.ndarray], micro_batch: int, accum: int, world: int, rank: int) -> list[dict[str, np.ndarray]]:
+    """The global batch's rows -> this rank's `accum` micro-batches (micro-step a, rank r
+    gets rows [(a*world + r)*micro_batch, ... + micro_batch))."""
+    out = []
+    for a in range(accum):
+        start = (a * world + rank) * micro_batch
+        out.append({k: v[start : start + micro_batch] for k, v in batch.items()})
+    return out
+
+
+def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        out[k] = t
+    return out

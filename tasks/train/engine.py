@@ -15,7 +15,7 @@ reads a JSON file (see `run_from_config`) and is what tasks/train/launch.py star
 
 A step: the data plug-in packs the whole global batch (`global_batch` rows) on
 every rank; rank r takes its own `micro_batch` rows for each of the
-`grad_accum` micro-steps (split_rows), so the data order, the cursor and the
+`grad_accum` micro-steps (data.split_rows), so the data order, the cursor and the
 loss do not depend on the number of processes. The objective returns the
 SUM of its per-term losses; the engine divides by the global term count of
 the step (known on the host, no sync), so the step loss is the mean over the
@@ -43,19 +43,27 @@ Resume: if `out_dir/checkpoints` holds a checkpoint, `train` continues from the
 newest one: weights, optimizer, schedule step, data cursor, RNG states.
 On CPU with deterministic=True the continued run is bitwise identical to an
 uninterrupted one.
+
+The parts, each on one screen: `train` sets up the processes, the model, the optimizer and the resume,
+then hands them to a `Trainer` (the step loop), which uses a `MetricsInterval` (the train records,
+tasks/train/metrics.py), a `Checkpointer` (when to save, what a checkpoint holds, the resume) and an
+`Evaluator` (validation loss and eval records, tasks/train/evaluator.py).
+
+Imports: FSDP's modules (torch.distributed.fsdp, torch.distributed.checkpoint) are imported where an
+FSDP run uses them: they add over a second to every start of this module (the stage processes import
+it for TrainConfig), and only FSDP runs need them.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
-import math
 import os
 import random
 import signal
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -63,13 +71,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from tokenizers import Tokenizer
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from model import ModelConfig, Transformer, load_hf_dir
 from model.transformer import COMPILE_OPTIONS
+from tasks.shard_reader import ShardReader
 from tasks.train import checkpoint as ckpt
+from tasks.train.builders import data_builder, model_builder
+from tasks.train.data import PackedBatches, ValidationRows, split_rows, to_device
+from tasks.train.evaluator import Evaluator
+from tasks.train.lora import apply_lora
+from tasks.train.metrics import MetricsInterval, MetricsLog
+from tasks.train.objectives import OBJECTIVES
 from tasks.train.schedule import Schedule
 
 EXIT_STOPPED = 143  # exit status after a checkpoint on SIGTERM / SIGINT / parent death
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
 @dataclass
@@ -157,26 +174,6 @@ def init_distributed() -> Dist:
     return d
 
 
-def split_rows(batch: dict[str, np.ndarray], micro_batch: int, accum: int, world: int, rank: int) -> list[dict[str, np.ndarray]]:
-    """The global batch's rows -> this rank's `accum` micro-batches (micro-step a, rank r
-    gets rows [(a*world + r)*micro_batch, ... + micro_batch))."""
-    out = []
-    for a in range(accum):
-        start = (a * world + rank) * micro_batch
-        out.append({k: v[start : start + micro_batch] for k, v in batch.items()})
-    return out
-
-
-def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in batch.items():
-        t = torch.from_numpy(np.ascontiguousarray(v))
-        if device.type == "cuda":
-            t = t.pin_memory().to(device, non_blocking=True)
-        out[k] = t
-    return out
-
-
 # --------------------------------------------------------------------------- stop signals
 
 
@@ -246,67 +243,6 @@ class StopFlag:
         return flag
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-class MetricsLog:
-    """Append-only JSONL (rank 0). One write + flush per record batch."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = Path(path), enabled
-        self._fh = open(self.path, "a", encoding="utf-8") if enabled else None
-
-    def write(self, *records: dict) -> None:
-        if not self.enabled:
-            return
-        now = time.time()
-        self._fh.write("".join(json.dumps({"time": round(now, 3), **r}, ensure_ascii=False) + "\n" for r in records))
-        self._fh.flush()
-
-    def close(self) -> None:
-        if self._fh:
-            self._fh.close()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl, as a resumed run sees its history: records of an
-    interrupted attempt past the step it resumed from are dropped; a torn last line
-    (kill -9 mid-write) is ignored."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records: list[dict] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("kind") == "resume":
-            records = [r for r in records if r.get("step", 0) <= rec["step"] or r.get("kind") in ("start", "end")]
-        records.append(rec)
-    return records
-
-
-def device_peak_flops(device: torch.device) -> float:
-    """bf16 dense peak of a known GPU (for MFU); 0 for CPUs and unknown devices."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
-
-
-def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float:
-    return cfg.peak_flops or device_peak_flops(device)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 # --------------------------------------------------------------------------- model, optimizer
 
 
@@ -337,8 +273,6 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, d: Dist) -> torch.nn.Mo
             fully_shard(layer)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     # gradient_as_bucket_view: the grads are views into DDP's all-reduce buckets (no copy in or out)
     return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
 
@@ -353,15 +287,6 @@ def _sync_context(model: torch.nn.Module, cfg: TrainConfig, d: Dist, last: bool)
     return contextlib.nullcontext() if last else model.no_sync()
 
 
-def raise_not_finite(what: str, step: int, lr: float):
-    raise FloatingPointError(f"training {what} by step {step}: lower lr (now {lr:g}) or check the data; "
-                             "no checkpoint was written from this point")
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -373,16 +298,180 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def inference_autocast(device: torch.device):
-    """What a stage process's own scoring (held-out losses, reference log-probs) runs under: bf16 autocast
-    on CUDA, as the engine trains there (precision auto), fp32 on a CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class Checkpointer:
+    """When the run is saved, what a checkpoint holds, and the resume from one (file format: checkpoint.py).
+
+    A checkpoint holds the weights, the optimizer state by parameter name, the trainer state (step,
+    tokens, schedule, data cursor, world size, the reason, `extra_state`) and every rank's RNG states.
+    `due`: every `ckpt_every` steps, the last step, a stop, and every evaluation step. `save` is collective
+    (all ranks call it; FSDP gathers the full state to rank 0, which writes it). `last`: the newest
+    checkpoint this run wrote or resumed from (None before the first).
+    """
+
+    def __init__(self, cfg: TrainConfig, d: Dist, root: Path, base: torch.nn.Module, optimizer, data, log: MetricsLog,
+                 model_config: dict, extra_state: dict | None, resume: Path | None):
+        self.cfg, self.d, self.root, self.base, self.optimizer, self.data, self.log = cfg, d, root, base, optimizer, data, log
+        self.model_config, self.extra_state, self.last = model_config, extra_state, resume
+        self.schedule = cfg.schedule_obj()
+        self.sharded = d.world > 1 and cfg.parallel == "fsdp"
+
+    def due(self, step: int, last: bool, stopping: bool, eval_due: bool) -> bool:
+        return bool((self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0) or last or stopping or eval_due)
+
+    def restore(self, resume: Path, trainer_state: dict) -> tuple[int, int]:
+        """Optimizer, data cursor and RNG states from `resume` (its weights are loaded before the model is
+        wrapped); writes the resume record. Returns (step, tokens)."""
+        d = self.d
+        saved = ckpt.load_optimizer(resume)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.base, self.optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        else:
+            ckpt.load_optimizer_state_by_name(self.base, self.optimizer, saved)
+        step, tokens = int(trainer_state["step"]), int(trainer_state["tokens"])
+        self.data.load_state_dict(trainer_state["data"])
+        rng = ckpt.load_rng(resume, d.rank)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        notes = []
+        if trainer_state.get("schedule") != self.schedule.state_dict():
+            notes.append("the schedule changed since the checkpoint")
+        if int(trainer_state.get("world_size", d.world)) != d.world:
+            notes.append(f"world size {trainer_state['world_size']} -> {d.world} (same data order, other float sums)")
+        self.log.write({"kind": "resume", "step": step, "checkpoint": str(resume), "notes": notes})
+        return step, tokens
+
+    def save(self, step: int, tokens: int, reason: str) -> Path:
+        d, base, optimizer = self.d, self.base, self.optimizer
+        trainer = {"step": step, "tokens": tokens, "schedule": self.schedule.state_dict(),
+                   "data": _plain(self.data.state_dict()), "world_size": d.world, "reason": reason,
+                   "extra": _plain(self.extra_state or {})}
+        if self.sharded:  # gathered to rank 0 (the others get empty dicts)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd, optim_sd = get_model_state_dict(base, options=full), get_optimizer_state_dict(base, optimizer, options=full)
+        elif d.main:
+            model_sd, optim_sd = base.state_dict(), ckpt.optimizer_state_by_name(base, optimizer)
+        else:
+            model_sd, optim_sd = {}, {}
+        tmp = ckpt.begin_save(self.root, step) if d.main else ckpt.tmp_dir(self.root, step)
+        if d.world > 1:
+            dist.barrier()
+        if d.main:
+            ckpt.write_main(tmp, model_sd, self.model_config, optim_sd, trainer)
+        ckpt.write_rng(tmp, d.rank)
+        if d.world > 1:
+            dist.barrier()
+        path = ckpt.step_dir(self.root, step)
+        if d.main:
+            path = ckpt.finish_save(self.root, step, self.cfg.keep_last)
+            self.log.write({"kind": "checkpoint", "step": step, "path": str(path), "reason": reason})
+        if d.world > 1:
+            dist.barrier()
+        self.last = path
+        return path
+
+
+class Trainer:
+    """The step loop: from `step` to cfg.steps, one optimizer update per step (see the module docstring),
+    a train record at every log step, a checkpoint when `checkpointer.due`, an evaluation when
+    `evaluator.due`, and a checkpoint then a stop on SIGTERM / SIGINT / parent death (StopFlag).
+    `run()` returns {"step", "tokens", "stopped", "checkpoint", "val"}.
+    """
+
+    def __init__(self, cfg: TrainConfig, d: Dist, model: torch.nn.Module, base: torch.nn.Module, optimizer,
+                 objective, loss_fn, data, checkpointer: Checkpointer, evaluator: Evaluator, metrics: MetricsInterval,
+                 step: int, tokens: int):
+        self.cfg, self.d, self.model, self.optimizer, self.objective, self.loss_fn = cfg, d, model, optimizer, objective, loss_fn
+        self.data, self.checkpointer, self.evaluator, self.metrics = data, checkpointer, evaluator, metrics
+        self.step, self.tokens = step, tokens
+        self.schedule = cfg.schedule_obj()
+        self.params = [p for p in base.parameters() if p.requires_grad]
+        self.per_step = cfg.global_batch or cfg.micro_batch * d.world
+        self.accum = self.per_step // (cfg.micro_batch * d.world)
+
+    def train_step(self) -> float:
+        """One optimizer update on the next global batch; returns its learning rate."""
+        cfg, d, model = self.cfg, self.d, self.model
+        lr = cfg.lr * self.schedule(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        batch = self.data.next_batch(self.per_step)
+        global_count = self.objective.count(batch)
+        scale = d.world / max(global_count, 1)
+        for i, micro in enumerate(split_rows(batch, cfg.micro_batch, self.accum, d.world, d.rank)):
+            tensors = to_device(micro, d.device)
+            with _sync_context(model, cfg, d, last=i == self.accum - 1):
+                with autocast_context(cfg, d.device):
+                    out = self.loss_fn(model, tensors)
+                loss = out["sum"] * scale
+                if "aux" in out:
+                    loss = loss + out["aux"] / self.accum
+                loss.backward()
+            self.metrics.add_micro(out)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.per_step * cfg.seq_len
+        self.metrics.end_step(global_count, grad_norm)
+        return lr
+
+    def save(self, reason: str) -> None:
+        """A checkpoint never comes ahead of its step's train record, nor after a non-finite gradient norm
+        or loss, logged or not. Its time is left out of the train rates."""
+        with self.metrics.paused():
+            self.metrics.finish_record()
+            self.metrics.check_finite(self.step, self.optimizer.param_groups[0]["lr"])
+            self.checkpointer.save(self.step, self.tokens, reason)
+
+    def run(self) -> dict:
+        cfg, metrics = self.cfg, self.metrics
+        val_result: dict = {}
+        stopped: str | None = None
+        stop = StopFlag(self.d)
+        try:
+            while self.step < cfg.steps:
+                lr = self.train_step()
+                if metrics.pending is not None:  # the previous log step's numbers: ready once the GPU finished that step
+                    metrics.finish_record()
+                last = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or last:
+                    metrics.start_record(self.step, lr, self.tokens)
+                eval_due = self.evaluator.due(self.step, last)
+                stopping = stop.should_stop()
+                # An evaluation step is a checkpoint step: the checkpoint is durable before the evaluation runs, so an
+                # evaluation that fails (its no-grad graph is compiled anew; it can run out of memory or hit a CUDA
+                # fault that leaves the process unusable) never costs a training step. A retry resumes from it.
+                if self.checkpointer.due(self.step, last, stopping, eval_due):
+                    self.save("stop: " + stop.reason if stopping else ("final" if last else "periodic"))
+                if eval_due:
+                    val_result = self.evaluator.evaluate_at(self.step, self.checkpointer.last)
+                if stopping and not last:
+                    stopped = stop.reason
+                    break
+            if self.evaluator.val is not None and self.step == cfg.steps and not val_result:
+                val_result = self.evaluator.final(self.step, self.checkpointer.last)
+            metrics.finish_record()
+            metrics.log.write({"kind": "end", "step": self.step, "tokens": self.tokens, "stopped": stopped})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                metrics.finish_record()  # the last logged step's record (it finished) before the error goes up
+            raise
+        finally:
+            stop.close()
+        last_ckpt = self.checkpointer.last
+        return {"step": self.step, "tokens": self.tokens, "stopped": stopped,
+                "checkpoint": str(last_ckpt) if last_ckpt else None, "val": val_result}
 
 
 def train(
@@ -419,7 +508,6 @@ def train(
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    autocast = lambda: autocast_context(cfg, d.device)  # noqa: E731
 
     per_step = cfg.global_batch or cfg.micro_batch * d.world
     if per_step % (cfg.micro_batch * d.world):
@@ -427,8 +515,6 @@ def train(
             f"global_batch {per_step} is not a multiple of micro_batch {cfg.micro_batch} x {d.world} processes; "
             "change micro_batch or global_batch"
         )
-    accum = per_step // (cfg.micro_batch * d.world)
-    tokens_per_step = per_step * cfg.seq_len
 
     seed_everything(cfg.seed)
     model = model_fn()
@@ -442,29 +528,11 @@ def train(
     base = model
     model = wrap_model(model, cfg, d)
     optimizer = make_optimizer(base, cfg, d.device)
-    sched = cfg.schedule_obj()
-    step, tokens = 0, 0
     log = MetricsLog(out / "metrics.jsonl", d.main)
-    sharded = d.world > 1 and cfg.parallel == "fsdp"
+    checkpointer = Checkpointer(cfg, d, ckpt_root, base, optimizer, data, log, model_config, extra_state, resume)
+    step, tokens = 0, 0
     if resume is not None:
-        saved = ckpt.load_optimizer(resume)
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(base, optimizer, saved, options=StateDictOptions(full_state_dict=True))
-        else:
-            ckpt.load_optimizer_state_by_name(base, optimizer, saved)
-        step, tokens = int(trainer_state["step"]), int(trainer_state["tokens"])
-        data.load_state_dict(trainer_state["data"])
-        rng = ckpt.load_rng(resume, d.rank)
-        if rng is not None:
-            ckpt.set_rng_state(rng)
-        notes = []
-        if trainer_state.get("schedule") != sched.state_dict():
-            notes.append("the schedule changed since the checkpoint")
-        if int(trainer_state.get("world_size", d.world)) != d.world:
-            notes.append(f"world size {trainer_state['world_size']} -> {d.world} (same data order, other float sums)")
-        log.write({"kind": "resume", "step": step, "checkpoint": str(resume), "notes": notes})
+        step, tokens = checkpointer.restore(resume, trainer_state)
     else:
         log.write({"kind": "start", "step": 0, "config": asdict(cfg), "world_size": d.world,
                    "params": sum(p.numel() for p in base.parameters()), "device": str(d.device)})
@@ -477,230 +545,16 @@ def train(
     # need a static sequence length; a new shape (a short last evaluation batch of chats or pairs, a shape this
     # process compiled in an earlier train() call) compiles anew instead of turning the length symbolic.
     loss_fn = torch.compile(objective.loss, dynamic=False, options=COMPILE_OPTIONS) if compile else objective.loss
-    # Compiled, evaluation runs the loss with autograd on; nothing calls backward, and what the forward keeps
-    # for it is freed with each output, so memory stays one training forward's. Not no_grad: with torch 2.11
-    # and triton 3.6 (H200, 2026-12) inductor's no-grad graph of this model faults in the flex attention
-    # kernel it builds for that graph ("operation not supported on global/shared address space", or an
-    # illegal address; the CUDA context is lost), with prologue fusion on or off, while the graph with
-    # autograd, the one training runs, scores the same rows within 2e-5 of eager. tests/test_train_cuda.py.
-    eval_grad_mode = torch.enable_grad if compile else torch.no_grad
     flops_per_token = base.config.flops_per_token(cfg.seq_len) if hasattr(getattr(base, "config", None), "flops_per_token") else 0
-    peak = peak_flops_per_device(cfg, d.device)
-    params = [p for p in base.parameters() if p.requires_grad]
-
-    def save(reason: str) -> Path:
-        finish_record()  # a checkpoint never comes ahead of its step's train record,
-        # nor after a non-finite gradient norm or loss, logged or not. Every rank decides alike without a
-        # collective: the grad norm is of the all-reduced gradients (a NaN loss on any rank makes them
-        # NaN), and the per-rank loss is checked only in a single process.
-        if not math.isfinite(float(_full(grad_norm))) or (d.world == 1 and not math.isfinite(float(interval_nats))):
-            raise_not_finite("loss or gradient norm is not finite", step, optimizer.param_groups[0]["lr"])
-        trainer = {"step": step, "tokens": tokens, "schedule": sched.state_dict(), "data": _plain(data.state_dict()),
-                   "world_size": d.world, "reason": reason, "extra": _plain(extra_state or {})}
-        if sharded:  # gathered to rank 0 (the others get empty dicts)
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
-
-            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_sd, optim_sd = get_model_state_dict(base, options=full), get_optimizer_state_dict(base, optimizer, options=full)
-        elif d.main:
-            model_sd, optim_sd = base.state_dict(), ckpt.optimizer_state_by_name(base, optimizer)
-        else:
-            model_sd, optim_sd = {}, {}
-        tmp = ckpt.begin_save(ckpt_root, step) if d.main else ckpt.tmp_dir(ckpt_root, step)
-        if d.world > 1:
-            dist.barrier()
-        if d.main:
-            ckpt.write_main(tmp, model_sd, model_config, optim_sd, trainer)
-        ckpt.write_rng(tmp, d.rank)
-        if d.world > 1:
-            dist.barrier()
-        path = ckpt.step_dir(ckpt_root, step)
-        if d.main:
-            path = ckpt.finish_save(ckpt_root, step, cfg.keep_last)
-            log.write({"kind": "checkpoint", "step": step, "path": str(path), "reason": reason})
-        if d.world > 1:
-            dist.barrier()
-        return path
-
-    def evaluate() -> dict:
-        if val is None:
-            return {}
-        finish_record()
-        model.eval()
-        nats = torch.zeros((), dtype=torch.float64, device=d.device)
-        count = 0
-        with eval_grad_mode():
-            for batch in val.batches(cfg.micro_batch, d.world, d.rank):
-                count += objective.count(batch)
-                with autocast():
-                    nats += loss_fn(model, to_device(batch, d.device))["sum"].detach().double()
-        model.train()
-        total = torch.stack([nats, torch.tensor(float(count), dtype=torch.float64, device=d.device)])
-        if d.world > 1:
-            dist.all_reduce(total)
-        nats_v, count_v = total.tolist()
-        result = {"val_loss": nats_v / max(count_v, 1.0)}
-        if getattr(val, "num_bytes", 0):
-            result["val_bpb"] = nats_v / math.log(2) / val.num_bytes
-        return result
-
-    def evaluate_at(at_step: int) -> dict:
-        """Evaluate, write the eval record; a failure names the step and the checkpoint a retry resumes from."""
-        try:
-            with paused():
-                result = evaluate()
-        except Exception as e:
-            raise RuntimeError(
-                f"evaluation at step {at_step} failed ({type(e).__name__}: {e}); training is checkpointed at step "
-                f"{ckpt.checkpoint_step(last_ckpt) if last_ckpt else 0}: run the stage again to retry the evaluation "
-                "without retraining") from e
-        log.write({"kind": "eval", "step": at_step, **result})
-        if d.main:
-            print(f"step {at_step} eval " + " ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
-        return result
-
-    def start_record(lr: float) -> None:
-        """At a log step: queue the interval's numbers (loss sum, grad norm, the objective's stats) for
-        a copy to the host and reset the interval. Nothing waits here: `finish_record`, called after
-        the next step is queued, waits for them while the GPU runs that step. Reading them at once
-        instead left the GPU idle while the host packed the next batch (2.5% of zh-64m's step time
-        on an H100 with log_every 10)."""
-        nonlocal pending, interval_count, interval_steps, interval_stats, interval_micro
-        names = list(interval_stats)
-        values = torch.stack([interval_nats.float(), _full(grad_norm).float().to(d.device)]
-                             + [torch.as_tensor(interval_stats[k], device=d.device).float() for k in names])
-        if d.world > 1:
-            dist.all_reduce(values[:1])
-        if cuda:
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host, ready = values, None
-        pending = {"step": step, "lr": lr, "tokens": tokens, "count": interval_count, "steps": interval_steps,
-                   "micro": interval_micro, "names": names, "values": host, "ready": ready,
-                   "peak_mem_gib": peak_memory_gib(d.device)}
-        interval_nats.zero_()
-        interval_count, interval_steps = 0, 0
-        interval_stats, interval_micro = {}, 0
-
-    @contextlib.contextmanager
-    def paused():
-        """Eval and checkpoints: their time is left out of the tokens/s of the interval they fall in
-        (timed from the GPU having finished the queued training work)."""
-        nonlocal paused_s
-        if cuda:
-            torch.cuda.synchronize(d.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            paused_s += time.perf_counter() - start
-
-    def finish_record() -> None:
-        """Write the queued train record (no-op if none). Tokens/s spans this wait's end to the previous
-        one's, i.e. the GPU finishing one logged step to finishing the next, less the `paused` time."""
-        nonlocal pending, clock, paused_s
-        if pending is None:
-            return
-        p, pending = pending, None
-        if p["ready"] is not None:
-            p["ready"].synchronize()
-        now = time.perf_counter()
-        elapsed, clock, paused_s = now - clock - paused_s, now, 0.0
-        nats_v, gnorm, *stat_values = p["values"].tolist()
-        loss_v = nats_v / max(p["count"], 1)
-        if not math.isfinite(loss_v):
-            raise_not_finite(f"loss is {loss_v}", p["step"], p["lr"])
-        tps = p["steps"] * tokens_per_step / max(elapsed, 1e-9)
-        rec = {"kind": "train", "step": p["step"], "loss": loss_v, "lr": p["lr"], "grad_norm": gnorm,
-               "tokens": p["tokens"], "tokens_per_s": tps, "peak_mem_gib": p["peak_mem_gib"]}
-        if flops_per_token and peak:
-            rec["mfu"] = tps * flops_per_token / (peak * d.world)
-        # the objective's own statistics: means over the interval's micro-batches
-        rec.update({k: v / max(p["micro"], 1) for k, v in zip(p["names"], stat_values)})
-        log.write(rec)
-        if d.main:
-            mfu = f" mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
-            print(f"step {p['step']}/{cfg.steps} loss {loss_v:.4f} lr {p['lr']:.3g} grad norm {gnorm:.3f} "
-                  f"{tps:,.0f} tok/s{mfu} mem {rec['peak_mem_gib']:.2f} GiB", flush=True)
 
     model.train()
-    interval_nats = torch.zeros((), dtype=torch.float32, device=d.device)
-    interval_count, interval_steps = 0, 0
-    interval_stats: dict[str, torch.Tensor] = {}
-    interval_micro = 0
-    grad_norm = torch.zeros((), device=d.device)
-    pending: dict | None = None  # the last log step's train record, its numbers still on the way (start_record)
-    clock, paused_s = time.perf_counter(), 0.0
-    last_ckpt = resume
-    val_result: dict = {}
-    stopped: str | None = None
-    stop = StopFlag(d)
+    metrics = MetricsInterval(cfg, d, log, per_step * cfg.seq_len, flops_per_token)
+    evaluator = Evaluator(cfg, d, model, objective, loss_fn, compile, lambda: autocast_context(cfg, d.device), val, log, metrics)
     try:
-        while step < cfg.steps:
-            lr = cfg.lr * sched(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            batch = data.next_batch(per_step)
-            global_count = objective.count(batch)
-            scale = d.world / max(global_count, 1)
-            for i, micro in enumerate(split_rows(batch, cfg.micro_batch, accum, d.world, d.rank)):
-                tensors = to_device(micro, d.device)
-                with _sync_context(model, cfg, d, last=i == accum - 1):
-                    with autocast():
-                        out = loss_fn(model, tensors)
-                    loss = out["sum"] * scale
-                    if "aux" in out:
-                        loss = loss + out["aux"] / accum
-                    loss.backward()
-                interval_nats += out["sum"].detach().float()
-                for name, value in out.get("stats", {}).items():
-                    interval_stats[name] = interval_stats.get(name, 0.0) + value.detach().float()
-                interval_micro += 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += tokens_per_step
-            interval_count += global_count
-            interval_steps += 1
-
-            if pending is not None:  # the previous log step's numbers: ready once the GPU finished that step
-                finish_record()
-            last = step == cfg.steps
-            if step % cfg.log_every == 0 or last:
-                start_record(lr)
-            eval_due = val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
-            stopping = stop.should_stop()
-            # An evaluation step is a checkpoint step: the checkpoint is durable before the evaluation runs, so an
-            # evaluation that fails (its no-grad graph is compiled anew; it can run out of memory or hit a CUDA
-            # fault that leaves the process unusable) never costs a training step. A retry resumes from it.
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or stopping or eval_due:
-                with paused():
-                    last_ckpt = save("stop: " + stop.reason if stopping else ("final" if last else "periodic"))
-            if eval_due:
-                val_result = evaluate_at(step)
-            if stopping and not last:
-                stopped = stop.reason
-                break
-        if val is not None and step == cfg.steps and not val_result:
-            # resumed from the final checkpoint: its evaluation ran before (the record is kept) or failed
-            done = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "eval" and r.get("step") == step]
-            val_result = {k: v for k, v in done[-1].items() if k.startswith("val_")} if done else evaluate_at(step)
-        finish_record()
-        log.write({"kind": "end", "step": step, "tokens": tokens, "stopped": stopped})
-    except BaseException:
-        with contextlib.suppress(Exception):
-            finish_record()  # the last logged step's record (it finished) before the error goes up
-        raise
+        return Trainer(cfg, d, model, base, optimizer, objective, loss_fn, data, checkpointer, evaluator, metrics,
+                       step, tokens).run()
     finally:
-        stop.close()
         log.close()
-    return {"step": step, "tokens": tokens, "stopped": stopped, "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "val": val_result}
 
 
 def _plain(x):
@@ -741,12 +595,6 @@ def run_from_config(spec: dict) -> dict:
     row groups and rows shuffled per epoch with `seed`); validation documents in file
     order, once.
     """
-    from model import ModelConfig, Transformer, load_hf_dir
-    from tasks.shard_reader import ShardReader
-    from tasks.train.builders import data_builder, model_builder
-    from tasks.train.data import PackedBatches, ValidationRows
-    from tasks.train.objectives import OBJECTIVES
-
     cfg = TrainConfig.from_dict(spec["train"])
     m = spec["model"]
     if m.get("builder"):  # a model builder by name: e.g. a backbone with a scalar head
@@ -758,8 +606,6 @@ def run_from_config(spec: dict) -> dict:
         ModelConfig.from_dict(m["config"])  # fail early on a bad shape
         model_fn = lambda: Transformer(ModelConfig.from_dict(m["config"]))  # noqa: E731
     if m.get("lora"):  # {rank, alpha, dropout, target_modules}: adapters only (tasks/train/lora.py)
-        from tasks.train.lora import apply_lora
-
         plain_fn = model_fn
         model_fn = lambda: apply_lora(plain_fn(), **m["lora"])  # noqa: E731
     obj_spec = dict(spec.get("objective") or {"name": "causal_lm"})
@@ -777,8 +623,6 @@ def run_from_config(spec: dict) -> dict:
     if dspec.get("validation"):
         decode = None
         if dspec.get("tokenizer"):
-            from tokenizers import Tokenizer
-
             tok = Tokenizer.from_file(dspec["tokenizer"])
             decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
         val_docs = ShardReader(dspec["validation"], shuffle=False, loop=False)
@@ -793,6 +637,12 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(args.config).read_text(encoding="utf-8"))
     result = run_from_config(spec)
     if dist.is_initialized():
+        # The DDP/FSDP model outlives train() in reference cycles, and with it the process group. Left to
+        # interpreter exit, gloo's worker threads are torn down unjoined and the process aborts ("terminate
+        # called without an active exception", SIGABRT: about 1 run in 50 of the 2-process CPU test). So the
+        # ranks finish their collectives together, the cycles are freed, then the group goes.
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
     if result["stopped"]:
         print(f"stopped ({result['stopped']}) at step {result['step']}; checkpoint {result['checkpoint']}", file=sys.stderr)

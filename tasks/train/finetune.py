@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tasks.chat_data import FitStats, encode_conversation, fit_length, reason_counts, write_quarantine
 from tasks.registry import StageResult
-from tasks.train.chats import heldout_loss, save_conversations
+from tasks.train.chats import heldout_assistant_loss, save_conversations
 from tasks.train.stage import (TrainStageError, engine_spec, export, held_out, load_tokenizer, model_section,
                                run_training)
 
@@ -71,10 +71,10 @@ def fine_tune(cfg, convs: list[list[dict]], bad: list[dict], init_dir: Path, tok
     chats = prepare_chats(cfg, convs, bad, load_tokenizer(tok_dir), out, token_weights, error)
     work, data, train_docs, val_docs, stats, pad = chats.work, chats.data, chats.train, chats.val, chats.stats, chats.pad
     spec = engine_spec(cfg, work, model_section(cfg, init_dir), data, {"name": "sft"}, {"stage": stage, "key": out.key})
-    before = heldout_loss(init_dir, val_docs, cfg.seq_len, pad) if val_docs else float("nan")
+    before = heldout_assistant_loss(init_dir, val_docs, cfg.seq_len, pad) if val_docs else float("nan")
     final, records, resumed = run_training(spec, cfg, work, out, error=error)
     export(final, tok_dir, out, cfg.lora)
-    after = heldout_loss(out.path / "hf", val_docs, cfg.seq_len, pad) if val_docs else float("nan")
+    after = heldout_assistant_loss(out.path / "hf", val_docs, cfg.seq_len, pad) if val_docs else float("nan")
 
     dropped = reason_counts(bad)
     if stats.dropped_no_labels:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 from tasks.shard_reader import ShardReader
 from tasks.train.data import IGNORE, ValidationRows
@@ -20,8 +21,6 @@ def heldout_rows(shard_manifest, out, seq_len: int, max_tokens: int, tokenizer_j
         return None
     decode = None
     if tokenizer_json is not None:
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_file(str(tokenizer_json))
         decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     reader = ShardReader(files, shuffle=False, loop=False)

@@ -9,12 +9,17 @@
 peft injects in place, so the model keeps its class and `.config`; the checkpoints hold the
 frozen base weights (`...q_proj.base_layer.weight`) and the adapters (`...lora_A.default.weight`),
 so a resume restores both exactly. Fails (ValueError from peft) when no module matches.
+peft is imported inside the functions that use it: the engine imports this module, and only LoRA
+runs need peft (several seconds of start-up: it imports transformers).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from model import ModelConfig, Transformer, save_hf_dir
+from tasks.train.checkpoint import load_model_config, load_weights
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -48,9 +53,6 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 def export_lora_hf(checkpoint: Path, lora: dict, tokenizer_dir: Path | None, out_dir: Path) -> Path:
     """An engine checkpoint of a LoRA run -> a merged Hugging Face directory (model/hf.py format)."""
-    from model import ModelConfig, Transformer, save_hf_dir
-    from tasks.train.checkpoint import load_model_config, load_weights
-
     model = apply_lora(Transformer(ModelConfig.from_dict(load_model_config(checkpoint))), **lora)
     model.load_state_dict(load_weights(checkpoint), strict=True)
     return save_hf_dir(merge_lora(model).eval(), tokenizer_dir, out_dir)

@@ -31,10 +31,13 @@ from a {token id: weight} map, e.g. the reasoning template's <think> / </think>)
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import load_hf_dir
 from tasks.train.data import IGNORE
 
 
@@ -322,8 +325,6 @@ def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
 
 def _engine_device() -> torch.device:
     """The device the engine trains on in this process (tasks/train/engine.py init_distributed)."""
-    import os
-
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -353,8 +354,6 @@ class Distill(CausalLM):
     name = "distill"
 
     def __init__(self, teacher: str, temperature: float = 2.0, alpha: float = 0.5, aux_loss_coef: float | None = None):
-        from model import load_hf_dir
-
         if not temperature > 0:
             raise ValueError(f"distillation temperature must be > 0, got {temperature}")
         if not 0 <= alpha <= 1:

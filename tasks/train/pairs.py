@@ -10,13 +10,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from model.generate import inference_autocast, resolve_device
+from tasks.chat_data import encode_conversation
 from tasks.train.data import IGNORE, ArrayDocuments, strided_batches
+from tasks.train.objectives import sequence_logps
 
 
 def encode_pairs(pairs, tok, seq_len: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """PreferencePairs -> arrays (n, seq_len): chosen_ids/targets, rejected_ids/targets, and counts."""
-    from tasks.chat_data import encode_conversation
-
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows: dict[str, list] = {k: [] for k in ("chosen_ids", "chosen_targets", "rejected_ids", "rejected_targets")}
     counts = {"pairs": 0, "replies_cut": 0, "reply_tokens_cut": 0, "prompt_too_long": 0}
@@ -47,10 +48,6 @@ def encode_pairs(pairs, tok, seq_len: int) -> tuple[dict[str, np.ndarray], dict[
 def sequence_logps_np(model, arrays: dict[str, np.ndarray], batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """The model's summed reply log-probs (chosen, rejected), float32 (n,), in eval mode, no grad; the model
     is moved to the GPU when there is one (with bf16 autocast, as the engine computes the policy's)."""
-    from model.generate import resolve_device
-    from tasks.train.engine import inference_autocast
-    from tasks.train.objectives import sequence_logps
-
     device = resolve_device(None)
     model.to(device).eval()
     out = {"chosen": [], "rejected": []}

@@ -2,6 +2,8 @@
 `rl_run` (prompts -> held-out split -> the engine job with the "rollouts" data builder ->
 held-out rewards before and after -> the manifest's counts). A stage adds its objective, its
 model section and its export.
+torch, the models and the rollout code are imported inside the functions that run a stage: the CLI
+imports every stage module to build the DAG and must not pay torch's start-up time for that.
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ def rl_run(cfg: RlSettings, inputs: dict, out, stage: str, upstream_policy: str,
     evaluation, the manifest. model_spec(init_dir) -> the run.json "model" section; export_fn(final
     checkpoint, tok_dir, out) writes hf/ (+ whatever else); rollout_extra: algorithm keys of the
     rollout spec."""
-    from model import load_hf_dir  # torch: imported when a stage runs, not when the CLI lists stages
+    from model import load_hf_dir
     from model.generate import resolve_device
     from model.hf import read_config_json
     from tasks.rewards import Scorer

@@ -34,6 +34,9 @@ probabilities can then pick other tokens), never a restart.
 Single process (DDP would sample the same rollout on every rank; FSDP cannot generate): the RL
 stages run with nproc 1.
 Memory: the policy, the reference (same size) and the reward model when one is used; one rollout.
+The stage harness (its tokenizer loader) and the reward rules import pydantic and the profiles, which
+a builder module does not import (tasks/train/builders.py): they are imported where a rollout run
+builds its plug-in.
 """
 from __future__ import annotations
 
@@ -43,7 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.train.data import IGNORE
+from model import load_hf_dir
+from model.generate import Engine, SamplingParams
+from tasks.train.data import IGNORE, ArrayDocuments
+from tasks.train.engine import autocast_context
 from tasks.train.objectives import token_logps
 
 
@@ -137,8 +143,6 @@ def sample_replies(engine, prompt_ids: list[list[int]], group: int, max_new_toke
     On a CPU the decoding runs on one thread: a decode step's matmuls are too small to split and
     the threads' synchronisation costs more than it saves (demo model, 16 rows x 24 tokens on a
     busy 2-core machine: 0.17 s on one thread, 3.5 s on two)."""
-    from model.generate import SamplingParams
-
     rows = [list(p) for p in prompt_ids for _ in range(group)]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     threads = torch.get_num_threads()
@@ -154,8 +158,6 @@ def sample_replies(engine, prompt_ids: list[list[int]], group: int, max_new_toke
 def make_engine(model, tokenizer):
     """A generation Engine over `model` itself (no copy, the model's own device and dtype, the
     dynamic cache path: the weights change between rollouts)."""
-    from model.generate import Engine
-
     p = next(model.parameters())
     return Engine(model, tokenizer, device=p.device, dtype=p.dtype, static=False, cuda_graph=False)
 
@@ -183,10 +185,7 @@ class RolloutBatches:
     """
 
     def __init__(self, spec: dict, cfg):
-        from model import load_hf_dir
         from tasks.train.stage import load_tokenizer
-        from tasks.train.data import ArrayDocuments
-        from tasks.train.engine import autocast_context
 
         self.spec, self.cfg = spec, cfg
         self.algo = spec["algo"]

@@ -220,7 +220,8 @@ def run_training(spec: dict, cfg, work: Path, out, error=TrainStageError, extra_
     stage's MLflow run. Returns (final checkpoint, metric records, resumed-from name); raises
     `error` when training was stopped (checkpoint saved, rerun resumes) or failed (its log's end)."""
     from tasks.train.checkpoint import checkpoint_step, latest_checkpoint
-    from tasks.train.engine import EXIT_STOPPED, read_metrics
+    from tasks.train.engine import EXIT_STOPPED
+    from tasks.train.metrics import read_metrics
     from tasks.train.launch import run_engine
 
     nproc = cfg.nproc if nproc is None else nproc

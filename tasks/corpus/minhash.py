@@ -13,8 +13,9 @@ Batches   permutations are applied to blocks of BLOCK shingles ([num_perm, BLOCK
 LSH       lsh_params() picks bands and rows by the criterion of datasketch's _optimal_param
           (the one MinHashLSH uses; same result, computed in numpy); band_keys() hashes each
           band's rows to one uint64, which is datasketch's band logic (equal band -> candidate
-          pair) reproduced in numpy, so that buckets are found by sorting instead of a dict per
-          band. tests/test_corpus_dedup.py checks both against datasketch.
+          pair) reproduced in numpy, so that buckets are found by a group-by on the keys
+          (tasks/corpus/clusters.py) instead of a dict per band. tests/test_corpus_dedup.py
+          checks both against datasketch.
 """
 from __future__ import annotations
 
@@ -101,24 +102,6 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
                 h = h * _Q + col.astype(np.uint64)
             keys[:, band] = fmix64(h)
     return keys
-
-
-def bucket_edges(keys: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate pairs of one band: every member of a bucket paired with the bucket's first.
-
-    keys: uint64 [m] band keys of the documents `index` (global ordinals, ascending).
-    Returns (first, member) arrays of global ordinals, first < member.
-    """
-    if not len(keys):
-        return index[:0], index[:0]
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    new_run = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
-    run_first = np.flatnonzero(new_run)
-    run_of = np.cumsum(new_run) - 1
-    leader = order[run_first[run_of]]
-    pair = leader != order
-    return index[leader[pair]], index[order[pair]]
 
 
 def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:

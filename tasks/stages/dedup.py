@@ -6,33 +6,34 @@ Writes  docs/<same shard name>.parquet: the kept documents (meta gets dup_cluste
         duplicates.parquet: every removed document with the one kept in its place (removed_id,
         kept_id, kind exact|near, jaccard_estimate); report.md + report.png: the data report
         of the whole corpus run (extract -> dedup), with a sample of removed pairs.
-How     1. per shard, in runtime.workers processes: an exact key per document (xxh3-128 of its
-           text without whitespace) and a MinHash signature (tasks/corpus/minhash: character
-           n-grams for Chinese, word n-grams for Latin text, num_perm permutations of a 64-bit
-           shingle hash, vectorized), cut into LSH bands; written to the stage's scratch space.
-        2. in this process: exact duplicates grouped by key; then, band by band, documents with
-           an equal band become candidate pairs (datasketch MinHashLSH's banding, with the bands and
-           rows its _optimal_param gives for threshold and num_perm, done by sorting);
+How     1. per shard, in runtime.workers processes (or Ray tasks): an exact key per document
+           (xxh3-128 of its text without whitespace) and a MinHash signature (tasks/corpus/minhash:
+           character n-grams for Chinese, word n-grams for Latin text, num_perm permutations of a
+           64-bit shingle hash, vectorized), cut into LSH bands (the bands and rows datasketch
+           MinHashLSH's _optimal_param gives for threshold and num_perm). The exact keys and the
+           band keys are written hash-partitioned (`partitions` files each), the signatures as a
+           memory-mapped file; all in the stage's scratch space.
+        2. hash-partitioned, as units on the same workers (tasks/corpus/clusters.py, polars):
+           per partition, exact duplicates grouped by key; per partition, the documents with an
+           equal band (exact duplicates left out) become candidate pairs; per pair partition,
            with `verify` a pair counts only if its signatures agree on >= threshold of their
            values (the MinHash estimate of Jaccard similarity); clusters are the connected
-           components of the pairs (scipy). The kept document of a cluster is the first in
-           corpus order: sources in profile order, then files, then records, so a source listed
-           first wins (deterministic, whatever the number of workers).
+           components of the verified pairs (min-label propagation over the pair files, in this
+           process: only documents with a pair take part). Then per shard, its decision: which
+           of its documents go and in favour of which. The kept document of a cluster is the
+           first in corpus order: sources in profile order, then files, then records, so a source
+           listed first wins (deterministic, whatever the number of workers or partitions).
         3. per shard, in parallel: the kept documents are written; report.png (it needs only
            the counts and length histograms, known after step 2) is drawn on the pool meanwhile.
 Memory  steps 1 and 3: one chunk of documents (~256k characters) per worker, whatever the
-        corpus size. Step 2 grows with the number of documents N, not with their length:
-        ~80 bytes each (exact keys, lengths, cluster arrays) plus one band's keys with their sort
-        temporaries (~50 bytes each) at a time, plus ~30 bytes per candidate pair; the
-        signatures stay on disk (memory-mapped; only the rows of candidate pairs are read).
-        10 M documents: ~1.3 GB.
-Beyond  one machine's memory (~100 M documents on 24 GB), the same steps scale out: steps 1
-        and 3 are independent per shard (a Dask or Ray cluster through Prefect's task runners,
-        prefect-dask / prefect-ray), and step 2 becomes disk-based bucket stages: each band's
-        (key, ordinal) pairs partitioned by key prefix into files, each partition sorted on its
-        own to emit candidate pairs, then connected components over the pair files (e.g. a
-        Dask dataframe union-find). Not built here: the corpora of this project's profiles fit.
-Resume  steps 1 and 3 keep finished shards; step 2's result is kept as one file.
+        corpus size. Step 2's units: one partition of the band rows (~24 bytes x bands per
+        document / partitions) and the corpus's exact-removed doc ids (8 bytes each); its
+        connected components: ~50 bytes per verified pair, in this process; duplicates.parquet
+        is streamed shard by shard, one row group (up to 1 M rows) held at a time. Signatures
+        stay on disk (only the rows of candidate pairs are read). docs/scale.md has the
+        measured figures.
+Resume  every unit of steps 1, 2 and 3 keeps its marker (tasks/corpus/parallel.py); the
+        components and the summary are kept as one file each.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
@@ -49,18 +51,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from profiles.schema import Strict
 from storage.errors import SlmError
-from tasks.corpus.documents import LENGTH_EDGES, DocWriter, count_rows, empty_histogram, iter_chunks, length_bin
-from tasks.corpus.minhash import band_keys, bucket_edges, estimate_jaccard, lsh_params, signatures
+from tasks.corpus import clusters
+from tasks.corpus.documents import (
+    LENGTH_EDGES,
+    DocWriter,
+    count_rows,
+    empty_histogram,
+    iter_chunks,
+    length_bin,
+)
+from tasks.corpus.minhash import band_keys, lsh_params, signatures
 from tasks.corpus.parallel import Unit, in_background, run_units, shard_units
 from tasks.corpus.report import finish_stage, plot_run, table, write_run_report
 from tasks.corpus.text import tokenize
 from tasks.registry import Stage, StageResult
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: step 2 hash-partitioned (tasks/corpus/clusters.py); same output as 1
 SCRATCH = "_work/dedup"
 KEPT, EXACT, NEAR = 0, 1, 2
 KINDS = {EXACT: "exact", NEAR: "near"}
-VERIFY_BLOCK = 16384
 
 
 class DedupSettings(Strict):
@@ -72,6 +81,9 @@ class DedupSettings(Strict):
     seed: int = 1
     verify: bool = True  # keep a candidate pair only if its signature estimate >= threshold
     samples: int = Field(20, ge=0, le=1000)  # removed pairs shown in the report
+    # Hash partitions of step 2: each partition is one unit of work (memory per worker ~ the
+    # corpus's band rows / partitions). The output does not depend on it.
+    partitions: int = Field(8, ge=1, le=4096)
 
 
 class DedupConfig(BaseModel):
@@ -102,6 +114,13 @@ def _reserved(memmap):
     return memmap
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
 def signature_unit(args: dict) -> dict:
     clock = time.perf_counter()
     out, name, path = Path(args["out"]), args["name"], Path(args["path"])
@@ -110,7 +129,7 @@ def signature_unit(args: dict) -> dict:
     folder = out / SCRATCH / "sig"
     folder.mkdir(parents=True, exist_ok=True)
     sig_file = _reserved(np.lib.format.open_memmap(folder / f"{name}.sig.npy.tmp", mode="w+", dtype=np.uint32, shape=(n, num_perm)))
-    key_file = _reserved(np.lib.format.open_memmap(folder / f"{name}.keys.npy.tmp", mode="w+", dtype=np.uint64, shape=(n, bands)))
+    keys = np.zeros((n, bands), dtype=np.uint64)
     exact = np.zeros((n, 2), dtype=np.uint64)
     has = np.zeros(n, dtype=bool)
     chars = np.zeros(n, dtype=np.int64)
@@ -123,111 +142,139 @@ def signature_unit(args: dict) -> dict:
         chars[at:end] = [len(t) for t in texts]
         sig, present = signatures(tokenize(texts), num_perm, args["ngram"], args["seed"])
         sig_file[at:end] = sig
-        key_file[at:end] = band_keys(sig, bands, rows)
+        keys[at:end] = band_keys(sig, bands, rows)
         has[at:end] = present
         at = end
     sig_file.flush()
-    key_file.flush()
-    del sig_file, key_file
-    np.savez(folder / f"{name}.info.npz", exact=exact, has=has, chars=chars)
-    for kind in ("sig", "keys"):
-        (folder / f"{name}.{kind}.npy.tmp").replace(folder / f"{name}.{kind}.npy")
-    files = [f"{SCRATCH}/sig/{name}.{kind}" for kind in ("sig.npy", "keys.npy", "info.npz")]
+    del sig_file
+    files = clusters.write_partitions(out, name, args["shard"], exact, keys, has, args["partitions"])
+    _save_npy(folder / f"{name}.has.npy", has)
+    _save_npy(folder / f"{name}.chars.npy", chars)
+    (folder / f"{name}.sig.npy.tmp").replace(folder / f"{name}.sig.npy")
+    files += [f"{SCRATCH}/sig/{name}.{kind}.npy" for kind in ("has", "chars", "sig")]
     return {"rows": n, "bytes_in": size, "files": files, "seconds": time.perf_counter() - clock}
 
 
-# --- step 2: clusters -------------------------------------------------------------------------------
-class Signatures:
-    """The shards' signature files, memory-mapped, addressed by global ordinal."""
+# --- step 2: clusters (tasks/corpus/clusters.py), then each shard's decision -------------------------
+def decide_unit(args: dict) -> dict:
+    """Shard s's decision: which of its documents go (exact or near, and in favour of which
+    document) and, for the documents it keeps, the size of the cluster each stands for.
 
-    def __init__(self, folder: Path, names: list[str], offsets: np.ndarray):
-        self.maps = [np.load(folder / f"{name}.sig.npy", mmap_mode="r") for name in names]
-        self.offsets = offsets
+    Reads the exact groups and the component labels of the whole corpus lazily (polars keeps only
+    the rows of this shard, and the cluster sizes of its kept documents). Writes decision/<name>.npz
+    (kind, cluster_size per row, for step 3), removed/<name>.arrow (this shard's removed documents,
+    in order: doc, final, kind, jaccard_estimate, removed_id) and finals/<name>.arrow (the id of
+    each of its documents that others were removed for: final, kept_id)."""
+    clock = time.perf_counter()
+    out, name, shard, n = Path(args["out"]), args["name"], args["shard"], args["rows"]
+    folder = out / SCRATCH
+    near = (pl.scan_ipc(folder / "labels.arrow") if args["near"]
+            else pl.LazyFrame(schema={"node": pl.Int64, "label": pl.Int64}))
+    removed = [near.filter(pl.col("node") != pl.col("label"))
+               .select(doc="node", final="label", kind=pl.lit(NEAR, pl.UInt8))]
+    if args["exact_files"]:
+        exact = pl.scan_ipc([out / rel for rel in args["exact_files"]])
+        removed.insert(0, exact.join(near, left_on="rep", right_on="node", how="left")
+                       .select("doc", final=pl.coalesce("label", "rep"), kind=pl.lit(EXACT, pl.UInt8)))
+    everything = pl.concat(removed)
+    mine = (everything.filter((pl.col("doc") // (1 << clusters.ROW_BITS)) == shard).sort("doc")
+            .collect(engine="streaming"))
+    sizes = (everything.filter((pl.col("final") // (1 << clusters.ROW_BITS)) == shard)
+             .group_by("final").agg(size=pl.len() + 1).sort("final").collect(engine="streaming"))
+    rows = mine["doc"].to_numpy() & clusters.ROW_MASK
+    kind = np.zeros(n, dtype=np.uint8)
+    kind[rows] = mine["kind"].to_numpy()
+    cluster_size = np.ones(n, dtype=np.int64)
+    cluster_size[sizes["final"].to_numpy() & clusters.ROW_MASK] = sizes["size"].to_numpy()
 
-    def rows(self, index: np.ndarray) -> np.ndarray:
-        shard = np.searchsorted(self.offsets, index, side="right") - 1
-        out = np.empty((len(index), self.maps[0].shape[1] if self.maps else 0), dtype=np.uint32)
-        for s in np.unique(shard):
-            mask = shard == s
-            local = index[mask] - self.offsets[s]
-            order = np.argsort(local)
-            picked = np.asarray(self.maps[s][local[order]])
-            rows = np.empty_like(picked)
-            rows[order] = picked
-            out[mask] = rows
-        return out
-
-    def jaccard(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        found = np.empty(len(a), dtype=np.float32)
-        for lo in range(0, len(a), VERIFY_BLOCK):
-            found[lo:lo + VERIFY_BLOCK] = estimate_jaccard(self.rows(a[lo:lo + VERIFY_BLOCK]), self.rows(b[lo:lo + VERIFY_BLOCK]))
-        return found
-
-
-def cluster(folder: Path, names: list[str], s: DedupSettings, bands: int) -> dict:
-    """Decide, for every document, which document stays in its place (itself if kept)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    infos = [np.load(folder / f"{name}.info.npz") for name in names]
-    sizes = np.array([len(info["has"]) for info in infos], dtype=np.int64)
-    offsets = np.concatenate(([0], np.cumsum(sizes)))[:-1]
-    total = int(sizes.sum())
-    exact = np.concatenate([info["exact"] for info in infos]) if names else np.zeros((0, 2), np.uint64)
-    has = np.concatenate([info["has"] for info in infos]) if names else np.zeros(0, bool)
-    ordinal = np.arange(total, dtype=np.int64)
-
-    rep_exact = ordinal.copy()
-    if s.exact and total:
-        _, first, inverse = np.unique(exact, axis=0, return_index=True, return_inverse=True)
-        rep_exact = first[inverse.reshape(-1)].astype(np.int64)
-
-    facts = {"candidate_pairs": 0, "verified_pairs": 0}
-    rep_near = ordinal.copy()
-    sigs = Signatures(folder, names, offsets)
-    if s.near and total:
-        alive = np.flatnonzero(has & (rep_exact == ordinal))
-        keys = [np.load(folder / f"{name}.keys.npy", mmap_mode="r") for name in names]
-        lefts, rights = [], []
-        for band in range(bands):
-            column = np.concatenate([np.asarray(k[:, band]) for k in keys])[alive]
-            left, right = bucket_edges(column, alive)
-            lefts.append(left)
-            rights.append(right)
-        left = np.concatenate(lefts)
-        right = np.concatenate(rights)
-        if len(left):
-            code = np.unique(left * total + right)
-            left, right = code // total, code % total
-        facts["candidate_pairs"] = int(len(left))
-        if s.verify and len(left):
-            good = sigs.jaccard(left, right) >= s.threshold
-            left, right = left[good], right[good]
-        facts["verified_pairs"] = int(len(left))
-        graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(total, total)).tocsr()
-        count, labels = connected_components(graph, directed=False)
-        smallest = np.full(count, total, dtype=np.int64)
-        np.minimum.at(smallest, labels, ordinal)
-        rep_near = smallest[labels]
-
-    final = rep_near[rep_exact]
-    kind = np.where(rep_exact != ordinal, EXACT, np.where(final != ordinal, NEAR, KEPT)).astype(np.uint8)
-    removed = np.flatnonzero(kind != KEPT)
-    estimate = np.ones(len(removed), dtype=np.float32)
-    with_sig = has[removed] & has[final[removed]]
+    final = mine["final"].to_numpy()
+    sig = folder / "sig"
+    has = np.load(sig / f"{name}.has.npy")
+    with_sig = has[rows] & _has(sig, args["names"], final)
+    estimate = np.ones(len(rows), dtype=np.float32)
     if with_sig.any():
-        estimate[with_sig] = sigs.jaccard(removed[with_sig], final[removed][with_sig])
-    cluster_size = np.bincount(final, minlength=total)
-    chars = np.concatenate([info["chars"] for info in infos]) if names else np.zeros(0, np.int64)
+        estimate[with_sig] = clusters.Signatures(sig, args["names"]).jaccard(mine["doc"].to_numpy()[with_sig], final[with_sig])
+    ids = pq.ParquetFile(args["path"]).read(columns=["id"]).column("id")
+    removed_id = ids.take(pa.array(rows)).to_pylist()
+    kept_rows = sizes["final"].to_numpy() & clusters.ROW_MASK
+    _save_npz(folder / "decision" / f"{name}.npz", kind=kind, cluster_size=cluster_size)
+    clusters.write_ipc(mine.with_columns(jaccard_estimate=pl.Series(estimate), removed_id=pl.Series(removed_id, dtype=pl.String)),
+                    folder / "removed" / f"{name}.arrow")
+    clusters.write_ipc(sizes.select("final", kept_id=pl.Series(ids.take(pa.array(kept_rows)).to_pylist(), dtype=pl.String)),
+                    folder / "finals" / f"{name}.arrow")
+    chars = np.load(sig / f"{name}.chars.npy")
     kept_bins = np.searchsorted(LENGTH_EDGES, chars[kind == KEPT], side="right") - 1
-    kept = {"in": total, "out": int((kind == KEPT).sum()),  # what step 3 will write (the report's plot)
-            "hist": np.bincount(kept_bins, minlength=len(LENGTH_EDGES)).astype(int).tolist()}
+    hashes = np.array([xxhash.xxh64_intdigest(i.encode("utf-8")) for i in removed_id], dtype=np.uint64)
+    first = np.lexsort((mine["doc"].to_numpy(), hashes))[:args["samples"]]
+    return {
+        "documents": n, "exact_duplicates": int((kind == EXACT).sum()), "near_duplicates": int((kind == NEAR).sum()),
+        "clusters": sizes.height, "largest_cluster": int(cluster_size.max()) if n else 0, "kept": int((kind == KEPT).sum()),
+        "hist": np.bincount(kept_bins, minlength=len(LENGTH_EDGES)).astype(int).tolist(),
+        "sample": [[str(hashes[i]), int(mine["doc"][int(i)]), int(final[i]), int(mine["kind"][int(i)]), float(estimate[i])]
+                   for i in first],
+        "files": [f"{SCRATCH}/{part}/{name}.{ext}" for part, ext in (("decision", "npz"), ("removed", "arrow"), ("finals", "arrow"))],
+        "seconds": time.perf_counter() - clock,
+    }
+
+
+def _has(folder: Path, names: list[str], docs: np.ndarray) -> np.ndarray:
+    """Whether each doc (of any shard) has a signature, reading one shard's flags at a time."""
+    found = np.zeros(len(docs), dtype=bool)
+    shard = docs >> clusters.ROW_BITS
+    for s in np.unique(shard):
+        mask = shard == s
+        found[mask] = np.load(folder / f"{names[int(s)]}.has.npy", mmap_mode="r")[docs[mask] & clusters.ROW_MASK]
+    return found
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def step2(out, units: list[Unit], signed: dict, s: DedupSettings) -> dict:
+    """Clusters and per-shard decisions, as units on the pool or Ray (each resumable), then
+    duplicates.parquet and the summary (facts, pair sample, kept histogram) for the report."""
+    names = [u.name for u in units]
+    parts = range(s.partitions)
+    base = {"out": str(out.path), "names": names, "partitions": s.partitions}
+    exact_files: list[str] = []
+    if s.exact:
+        done = run_units(out, "dedup-exact", [Unit(f"p{p}", {**base, "partition": p}) for p in parts],
+                         clusters.exact_unit, desc="dedup exact groups")
+        exact_files = [f for r in done.values() for f in r["files"]]
+    facts = {"candidate_pairs": 0, "verified_pairs": 0}
+    if s.near:
+        done = run_units(out, "dedup-buckets", [Unit(f"p{p}", {**base, "partition": p, "exact_files": exact_files})
+                                                for p in parts], clusters.bucket_unit, desc="dedup buckets")
+        pair_files = [f for r in done.values() for f in r["files"]]
+        verify = [Unit(f"q{q}", {**base, "partition": q, "verify": s.verify, "threshold": s.threshold,
+                                 "pair_files": [f for f in pair_files if f.endswith(f"/{q}.arrow")]}) for q in parts]
+        done = run_units(out, "dedup-verify", verify, clusters.verify_unit, desc="dedup verify")
+        facts["candidate_pairs"] = sum(r["candidate_pairs"] for r in done.values())
+        facts["verified_pairs"] = sum(r["verified_pairs"] for r in done.values())
+        labels = out.path / SCRATCH / "labels.arrow"
+        if not labels.exists():
+            clusters.write_ipc(clusters.components([out.path / f for r in done.values() for f in r["files"]]), labels)
+            out.save_progress(f"{SCRATCH}/labels.arrow")
+    decide = [Unit(u.name, {**base, "name": u.name, "shard": i, "path": u.args["path"], "rows": signed[u.name]["rows"],
+                            "near": s.near, "exact_files": exact_files, "samples": s.samples})
+              for i, u in enumerate(units)]
+    decided = run_units(out, "dedup-decide", decide, decide_unit, desc="dedup decide")
+    _write_pairs(out, names)
+    out.save_progress("duplicates.parquet")
+    results = [decided[name] for name in names]
+    total = sum(r["documents"] for r in results)
     facts.update({
-        "documents": total, "exact_duplicates": int((kind == EXACT).sum()), "near_duplicates": int((kind == NEAR).sum()),
-        "clusters": int((cluster_size > 1).sum()), "largest_cluster": int(cluster_size.max()) if total else 0,
+        "documents": total, "exact_duplicates": sum(r["exact_duplicates"] for r in results),
+        "near_duplicates": sum(r["near_duplicates"] for r in results), "clusters": sum(r["clusters"] for r in results),
+        "largest_cluster": max((r["largest_cluster"] for r in results), default=0),
     })
-    return {"offsets": offsets, "sizes": sizes, "final": final, "kind": kind, "removed": removed,
-            "estimate": estimate, "cluster_size": cluster_size, "facts": facts, "kept": kept}
+    hist = np.sum([r["hist"] for r in results], axis=0).astype(int).tolist()
+    kept = {"in": total, "out": sum(r["kept"] for r in results), "hist": hist}
+    return {"facts": facts, "pairs_sample": _pair_sample(units, results, s.samples), "kept": kept}
 
 
 # --- step 3: write the kept documents ------------------------------------------------------------------
@@ -265,19 +312,6 @@ def write_unit(args: dict) -> dict:
             "seconds": time.perf_counter() - clock}
 
 
-def _ids(paths: list[Path], offsets: np.ndarray, index: np.ndarray, column: str = "id") -> list:
-    """Values of one column for global ordinals `index`, reading one shard's column at a time
-    (pq.ParquetFile, not pq.read_table: that one imports pyarrow.dataset, ~0.25 s)."""
-    found: list = [None] * len(index)
-    shard = np.searchsorted(offsets, index, side="right") - 1
-    for s in np.unique(shard):
-        where = np.flatnonzero(shard == s)
-        values = pq.ParquetFile(paths[s]).read(columns=[column]).column(column).take(pa.array(index[where] - offsets[s]))
-        for position, value in zip(where, values.to_pylist()):
-            found[position] = value
-    return found
-
-
 def run(cfg: DedupConfig, inputs: dict, out) -> StageResult:
     clock = time.perf_counter()
     upstream = inputs["clean"]
@@ -287,23 +321,14 @@ def run(cfg: DedupConfig, inputs: dict, out) -> StageResult:
                                         "ngram": s.ngram, "seed": s.seed})
     if not units:
         raise DedupError("clean left no documents to deduplicate: loosen stages.clean or check the sources")
+    units = [Unit(u.name, {**u.args, "shard": i, "partitions": s.partitions}) for i, u in enumerate(units)]
     signed = run_units(out, "dedup-signatures", units, signature_unit, desc="dedup signatures")
-    names = [u.name for u in units]
-    folder = out.path / SCRATCH / "sig"
-    decided = out.path / SCRATCH / "decision"
     summary_file = out.path / SCRATCH / "clusters.json"
-    if not summary_file.exists() or "kept" not in json.loads(summary_file.read_text(encoding="utf-8")):
-        result = cluster(folder, names, s, bands)
-        decided.mkdir(parents=True, exist_ok=True)
-        for name, offset, size in zip(names, result["offsets"], result["sizes"]):
-            part = slice(int(offset), int(offset + size))
-            np.savez(decided / f"{name}.npz", kind=result["kind"][part], cluster_size=result["cluster_size"][part])
-            out.save_progress(f"{SCRATCH}/decision/{name}.npz")
-        _write_pairs(out, units, result)
-        out.save_progress("duplicates.parquet")
-        summary = {"facts": result["facts"], "pairs_sample": _pair_sample(out, units, result, s.samples),
-                   "kept": result["kept"]}
-        summary_file.write_text(json.dumps(summary, ensure_ascii=False), encoding="utf-8")
+    if not summary_file.exists():
+        summary = step2(out, units, signed, s)
+        tmp = summary_file.with_name(summary_file.name + ".tmp")
+        tmp.write_text(json.dumps(summary, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, summary_file)
         out.save_progress(f"{SCRATCH}/clusters.json")
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
     # report.png needs only each stage's in, out and length histogram, known now: it is drawn on
@@ -330,39 +355,67 @@ def run(cfg: DedupConfig, inputs: dict, out) -> StageResult:
     return result
 
 
-def _write_pairs(out, units, result) -> None:
-    paths = [Path(u.args["path"]) for u in units]
-    removed = result["removed"]
-    kept = result["final"][removed]
-    ids = _ids(paths, result["offsets"], np.concatenate([removed, kept]))  # one read of each shard's ids
-    table_ = pa.table({
-        "removed_id": pa.array(ids[:len(removed)], pa.string()),
-        "kept_id": pa.array(ids[len(removed):], pa.string()),
-        "kind": pa.array([KINDS[int(k)] for k in result["kind"][removed]], pa.string()),
-        "jaccard_estimate": pa.array(result["estimate"], pa.float32()),
-    })
-    pq.write_table(table_, out.path / "duplicates.parquet", compression="zstd")
+def _ids(units: list[Unit], docs: list[int], column: str = "id") -> list:
+    """Values of one column for doc ids, reading one shard's column at a time
+    (pq.ParquetFile, not pq.read_table: that one imports pyarrow.dataset, ~0.25 s)."""
+    docs = np.asarray(docs, dtype=np.int64)
+    found: list = [None] * len(docs)
+    shard = docs >> clusters.ROW_BITS
+    for s in np.unique(shard):
+        where = np.flatnonzero(shard == s)
+        values = (pq.ParquetFile(units[int(s)].args["path"]).read(columns=[column]).column(column)
+                  .take(pa.array(docs[where] & clusters.ROW_MASK)))
+        for position, value in zip(where, values.to_pylist()):
+            found[position] = value
+    return found
 
 
-def _pair_sample(out, units, result, k: int) -> list[dict]:
+PAIRS_SCHEMA = pa.schema([("removed_id", pa.string()), ("kept_id", pa.string()), ("kind", pa.string()),
+                          ("jaccard_estimate", pa.float32())])
+ROW_GROUP = 1024 * 1024  # pq.write_table's default: the file is the same as one write of the whole table
+
+
+def _write_pairs(out, names: list[str]) -> None:
+    """duplicates.parquet: every removed document, in corpus order, with the one kept in its place.
+    Streamed shard by shard (the kept ids found by a join with every shard's finals), in row groups
+    of ROW_GROUP rows; written under a temp name, then renamed."""
+    folder = out.path / SCRATCH
+    finals = pl.scan_ipc([folder / "finals" / f"{name}.arrow" for name in names])
+    path = out.path / "duplicates.parquet"
+    tmp = path.with_name(path.name + ".tmp")
+    pending: list[pa.Table] = [PAIRS_SCHEMA.empty_table()]
+    held, written = 0, 0
+    with pq.ParquetWriter(tmp, PAIRS_SCHEMA, compression="zstd") as writer:
+        for name in names:
+            part = (pl.scan_ipc(folder / "removed" / f"{name}.arrow")
+                    .join(finals, on="final", how="left", maintain_order="left")
+                    .select("removed_id", "kept_id", kind=pl.col("kind").replace_strict(KINDS, return_dtype=pl.String),
+                            jaccard_estimate="jaccard_estimate")
+                    .collect(engine="streaming"))
+            pending.append(part.to_arrow().cast(PAIRS_SCHEMA))
+            held += part.height
+            while held >= ROW_GROUP:
+                whole = pa.concat_tables(pending)
+                writer.write_table(whole.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
+                pending, held, written = [whole.slice(ROW_GROUP)], held - ROW_GROUP, written + ROW_GROUP
+        if held or not written:
+            writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
+    os.replace(tmp, path)
+
+
+def _pair_sample(units: list[Unit], results: list[dict], k: int) -> list[dict]:
     """k removed documents (smallest hash of their id) with the document kept in their place."""
-    if k <= 0 or not len(result["removed"]):
+    chosen = sorted((c for r in results for c in r["sample"]), key=lambda c: (int(c[0]), c[1]))[:k]
+    if not chosen:
         return []
-    paths = [Path(u.args["path"]) for u in units]
-    pairs = pq.ParquetFile(out.path / "duplicates.parquet").read()
-    hashes = np.array([xxhash.xxh64_intdigest(i.encode("utf-8")) for i in pairs.column("removed_id").to_pylist()], dtype=np.uint64)
-    chosen = np.argsort(hashes, kind="stable")[:k]
-    removed = result["removed"][chosen]
-    kept = result["final"][removed]
-    texts = _ids(paths, result["offsets"], np.concatenate([removed, kept]), "text")
-    removed_text, kept_text = texts[:len(removed)], texts[len(removed):]
+    docs = [c[1] for c in chosen] + [c[2] for c in chosen]
+    ids, texts = _ids(units, docs), _ids(units, docs, "text")
     sample = []
-    for j, row in enumerate(chosen):
+    for j, (_, _, _, kind, estimate) in enumerate(chosen):
         sample.append({
-            "removed_id": pairs.column("removed_id")[int(row)].as_py(), "kept_id": pairs.column("kept_id")[int(row)].as_py(),
-            "kind": pairs.column("kind")[int(row)].as_py(),
-            "jaccard_estimate": round(float(pairs.column("jaccard_estimate")[int(row)].as_py()), 3),
-            "removed_text": removed_text[j][:200], "kept_text": kept_text[j][:200],
+            "removed_id": ids[j], "kept_id": ids[len(chosen) + j], "kind": KINDS[kind],
+            "jaccard_estimate": round(float(np.float32(estimate)), 3),
+            "removed_text": texts[j][:200], "kept_text": texts[len(chosen) + j][:200],
         })
     return sample
 

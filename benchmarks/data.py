@@ -448,7 +448,7 @@ def write_scale_corpus(folder: Path, n: int, pool: list[str], seed: int = 0) -> 
 
 
 class ScaleOut:
-    """What tasks.corpus.parallel and tasks.dedup's steps need of a stage's output (a local folder)."""
+    """What tasks.corpus.parallel and tasks.stages.dedup's steps need of a stage's output (a local folder)."""
 
     def __init__(self, path: Path, workers: int, executor: str = "local"):
         self.path, self.workers, self.executor, self.ray_address = path, workers, executor, None
@@ -462,7 +462,7 @@ def scale_child(spec_path: str) -> None:
     seconds (all processes) of its three steps, the peak RSS of this process (the driver) and of each other process."""
     import numpy as np
 
-    from tasks import dedup
+    from tasks.stages import dedup
     from tasks.corpus.minhash import band_keys, lsh_params
     from tasks.corpus.parallel import Unit, run_units
 
@@ -503,7 +503,7 @@ def scale_child(spec_path: str) -> None:
 
 
 def scale_reference_child(spec_path: str) -> None:
-    """The in-memory step 2 (tests/dedup_reference.py: the earlier tasks/dedup.py's) on the files a
+    """The in-memory step 2 (tests/dedup_reference.py: the dedup stage's before partitioning) on the files a
     scale_child run left: its seconds and peak RSS, and whether it decides as the partitioned one did."""
     import numpy as np
     import polars as pl
@@ -511,7 +511,7 @@ def scale_reference_child(spec_path: str) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from dedup_reference import cluster
 
-    from tasks import dedup
+    from tasks.stages import dedup
     from tasks.corpus.clusters import ROW_BITS, ROW_MASK
 
     spec = json.loads(Path(spec_path).read_text())

@@ -1,6 +1,6 @@
 """The reference answer for dedup: every document in one process, numpy and scipy, no partitions.
 
-This is the in-memory step 2 that tasks/dedup.py used before it was hash-partitioned
+This is the in-memory step 2 that tasks/stages/dedup.py used before it was hash-partitioned
 (tasks/corpus/clusters.py), kept here to check that the partitioned path gives the same
 answer (tests/test_corpus_dedup.py) and as the baseline of benchmarks/data.py's scale table.
 It computes everything from clean's shards itself, with the project's signature functions:
@@ -22,7 +22,7 @@ from scipy.sparse.csgraph import connected_components
 
 from tasks.corpus.minhash import band_keys, estimate_jaccard, lsh_params, signatures
 from tasks.corpus.text import tokenize
-from tasks.dedup import EXACT, KEPT, KINDS, NEAR, exact_key
+from tasks.stages.dedup import EXACT, KEPT, KINDS, NEAR, exact_key
 
 
 def bucket_edges(keys: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

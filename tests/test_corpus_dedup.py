@@ -214,7 +214,7 @@ def _planted(folder, seed: int = 7) -> dict:
 
 
 def test_partitioned_dedup_gives_the_in_memory_answer_whatever_the_partitions_and_workers(tmp_path):
-    from tasks.dedup import DedupSettings
+    from tasks.stages.dedup import DedupSettings
 
     sources = _planted(tmp_path)
     made = {}
@@ -264,7 +264,7 @@ def test_dedup_killed_in_step_2_resumes_from_its_unit_markers(tmp_path, capfd):
     import time
     from pathlib import Path
 
-    from tasks.dedup import DedupSettings
+    from tasks.stages.dedup import DedupSettings
 
     sources = _planted(tmp_path)
     stages = {"extract": {"shard_mb": 0.1}, "clean": {"min_chars": 20}, "dedup": {"partitions": 6}}

@@ -4,7 +4,7 @@ The documents of a corpus are named by a doc id that sorts in corpus order witho
 count: doc = shard index << ROW_BITS | row within the shard (shards in plan order, which is
 sources in profile order, then files, then records).
 
-Step 1 (per shard, tasks.dedup.signature_unit) calls write_partitions(): the shard's exact keys
+Step 1 (per shard, tasks.stages.dedup.signature_unit) calls write_partitions(): the shard's exact keys
 and its LSH band keys go to `partitions` files each, the row's partition picked by a hash of its
 key, so that every document with an equal key (exact) or an equal band key (near) meets in the
 same partition whatever shard it came from. Then every phase below is a unit of work (the
@@ -135,7 +135,7 @@ def bucket_unit(args: dict) -> dict:
 
 
 class Signatures:
-    """The shards' signature files (tasks.dedup.signature_unit), rows read by doc id.
+    """The shards' signature files (tasks.stages.dedup.signature_unit), rows read by doc id.
 
     Read with pread, row by row, not through a memory map: a map's pages (and the pages the
     kernel maps around each fault, ~64 KB) stay in the process's resident set, so random rows

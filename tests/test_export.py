@@ -272,7 +272,10 @@ def test_llama_cpp_tokenizes_held_out_text_as_we_do_and_generates_what_slm_chat_
         mine = engine.model(torch.tensor([ids]))[0].numpy()
     assert np.abs(theirs - mine).max() < 2e-3 * np.abs(mine).max()
 
-    # greedy generation (`slm chat --temperature 0 --repetition-penalty 1`): the same 64 tokens
+    # greedy generation (`slm chat --temperature 0 --repetition-penalty 1`): the same 64 tokens. Both sides
+    # sum in f32 in different orders, so two tokens whose logits tie to ~1e-4 may be picked either way
+    # (measured on 20 chat prompts: 19 identical, one parted at token 58 on a gap of 2e-4); a parting
+    # is accepted only on such a tie, anything else fails.
     (want_new,) = engine.generate_tokens_list([ids], SamplingParams(max_new_tokens=new, temperature=0,
                                                                     stop_token_ids=[]))
     got_new = []
@@ -280,4 +283,10 @@ def test_llama_cpp_tokenizes_held_out_text_as_we_do_and_generates_what_slm_chat_
         got_new.append(token)
         if len(got_new) == new:
             break
-    assert len(want_new) == new and got_new == want_new
+    assert len(want_new) == len(got_new) == new
+    parted = next((k for k, (a, b) in enumerate(zip(want_new, got_new)) if a != b), None)
+    if parted is not None:
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([ids + want_new[:parted]]))[0, -1]
+        gap = float(logits[want_new[parted]] - logits[got_new[parted]])
+        assert gap < 1e-3, f"llama.cpp's greedy tokens part from ours at {parted} of {new} (logit gap {gap})"

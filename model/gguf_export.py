@@ -164,8 +164,7 @@ def llama_cpp_pre_tokenizer(tokenizer: dict) -> str:
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     split = steps[0] if steps else {}
     pattern = (split.get("pattern") or {}).get("Regex")
-    byte_level = steps[1:] == [] or (len(steps) == 2 and steps[1].get("type") == "ByteLevel"
-                                     and not steps[1].get("use_regex", True))
+    byte_level = len(steps) == 2 and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)
     if split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert") and byte_level:
         for name, regex in LLAMA_CPP_SPLITS.items():
             if pattern == regex:

@@ -10,12 +10,14 @@ export PREFECT_HOME ?= $(SLM_HOME)/prefect
 .PHONY: install run test up down clean
 
 # torch's CPU build first: `torch==2.13.0` is served from a local file on the project's
-# machines; a bare `torch` requirement would pull a multi-GB CUDA build.
+# machines; a bare `torch` requirement would pull a multi-GB CUDA build. The test extras build
+# llama-cpp-python from source (a few minutes); its multimodal library (LLAVA_BUILD) is left out:
+# the tests load text models only, and llama_cpp imports it only for image chat handlers.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" $(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
 install: $(BIN)/.installed

@@ -11,8 +11,10 @@ later runs. Corpus sizes below are prefixes of it (hard links, committed as `ded
 artifacts).
 
 Tables (each measurement in a fresh subprocess: peak RSS = its ru_maxrss):
-  1. pre-tokenizer: longest CJK piece (max_cjk_run) vs held-out characters per token,
-     trainer peak RSS and time, on one fixed sample.
+  1. tokenizer trainer (llama.cpp's qwen2 split: a clause of Chinese is one piece): peak RSS,
+     time and held-out characters per token vs sample_chars, the stage's memory bound. The
+     corpus recombines a fixed pool of paragraphs, so its unique pieces saturate: a corpus of
+     all-new text needs more memory per sampled character.
   2. tokenizer stage: peak RSS vs corpus size with a fixed sample_chars: it grows until the
      corpus exceeds the sample, then stays flat.
   3. shard throughput: bare Tokenizer.encode_batch over the same documents in the same
@@ -155,8 +157,8 @@ def usage() -> dict:
     return {"rss_mb": peak_kb / 1024, "cpu_s": self.ru_utime + self.ru_stime}
 
 
-def job_ablation(spec: dict) -> dict:
-    """Train with one max_cjk_run on a fixed sample; compression on held-out documents."""
+def job_sample(spec: dict) -> dict:
+    """Train on a sample of `sample_chars`; compression on held-out documents."""
     from tokenizers import pre_tokenizers, trainers
 
     from tasks.stages import tokenizer as T
@@ -164,7 +166,7 @@ def job_ablation(spec: dict) -> dict:
     cfg = T.TokenizerSettings(vocab_size=spec["vocab"], sample_chars=spec["sample_chars"], heldout_chars=spec["heldout_chars"])
     paths = [Path(p) for p in spec["paths"]]
     plan = T.plan_sample(paths, cfg)
-    tok = T.new_tokenizer(spec["max_cjk_run"])
+    tok = T.new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
                                   special_tokens=T.special_tokens(cfg), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -279,7 +281,7 @@ def job_naive(spec: dict) -> dict:
     return {"seconds": time.perf_counter() - start, **usage(), "tokens": tokens}
 
 
-JOBS = {"ablation": job_ablation, "tokenizer": job_tokenizer, "shard": job_shard, "bare": job_bare, "naive": job_naive}
+JOBS = {"sample": job_sample, "tokenizer": job_tokenizer, "shard": job_shard, "bare": job_bare, "naive": job_naive}
 
 
 def child(job: str, spec: dict, limit_gb: float | None = None) -> dict:
@@ -326,7 +328,7 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=6400)
     parser.add_argument("--sample-chars", type=int, default=20_000_000)
     parser.add_argument("--naive-limit-gb", type=float, default=14.0, help="address-space cap for the naive run")
-    parser.add_argument("--skip", default="", help="comma-separated: ablation,tokenizer,shard")
+    parser.add_argument("--skip", default="", help="comma-separated: sample,tokenizer,shard")
     args = parser.parse_args()
     if args.child:
         result = JOBS[args.child[0]](json.loads(args.child[1]))
@@ -352,20 +354,20 @@ def main() -> int:
     report = [f"corpus {corpus_bytes / 1e9:.2f} GB; {os.cpu_count()} cores"]
     tok_settings = {"vocab_size": args.vocab, "sample_chars": args.sample_chars}
 
-    if "ablation" not in skip:
-        paths = [str(store.local_path(corpus_artifact(store, prefix(64), "ablation"), rel))
+    if "sample" not in skip:
+        paths = [str(store.local_path(corpus_artifact(store, prefix(64), "sample"), rel))
                  for rel in [f"docs/{p.name}" for p in prefix(64)]]
         rows = []
-        for run in (1, 2, 4, 8, None):
-            r = child("ablation", {"paths": paths, "max_cjk_run": run, "vocab": args.vocab,
-                                   "sample_chars": 5_000_000, "heldout_chars": 1_000_000})
+        for millions in (1, 2, 5, 10, 20):
+            r = child("sample", {"paths": paths, "vocab": args.vocab,
+                                   "sample_chars": millions * 1_000_000, "heldout_chars": 1_000_000})
             if "error" in r:
-                rows.append([run or "unbounded", r["error"], "", "", ""])
+                rows.append([millions, r["error"], "", "", ""])
                 continue
-            rows.append([run or "unbounded", f"{r['chars_per_token']:.3f}", f"{r['bytes_per_token']:.3f}",
+            rows.append([f"{r['sample_chars'] / 1e6:.1f}", f"{r['chars_per_token']:.3f}", f"{r['bytes_per_token']:.3f}",
                          f"{r['rss_mb']:.0f}", f"{r['seconds']:.1f}"])
-        report.append(table(f"pre-tokenizer: longest CJK piece (vocab {args.vocab}, sample 5 M chars, held-out 1 M)",
-                            ["max_cjk_run", "chars/token", "bytes/token", "peak RSS MB", "train s"], rows))
+        report.append(table(f"tokenizer trainer: sample size (vocab {args.vocab}, held-out 1 M chars)",
+                            ["sample M chars", "chars/token", "bytes/token", "peak RSS MB", "train s"], rows))
 
     tokenizer_keys = {}
     if "tokenizer" not in skip:

@@ -23,7 +23,8 @@ architectures and llama.cpp's loader reads:
                                 ValueError)
   MoE: <arch>.expert_count, expert_used_count, expert_feed_forward_length
        (+ expert_shared_feed_forward_length for qwen2moe)
-  tokenizer.ggml.model gpt2, .pre "qwen2", .tokens, .token_type (NORMAL, CONTROL for special added
+  tokenizer.ggml.model gpt2, .pre (the llama.cpp pre-tokenizer whose split tokenizer.json uses: "qwen2"
+       for the tokenizer stage's and stock Qwen2/Qwen3 tokenizers), .tokens, .token_type (NORMAL, CONTROL for special added
        tokens, USER_DEFINED for other added tokens, UNUSED padding up to vocab_size), .merges,
        .eos_token_id / .padding_token_id (tokenizer_config.json), .bos_token_id (the EOS id when the
        tokenizer has no BOS, as Qwen's GGUFs do), .add_bos_token false, .chat_template
@@ -34,13 +35,13 @@ biases) and MoE routers stay f32, as convert_hf_to_gguf.py keeps them; 2-D weigh
 `dtype`: f32, f16, bf16 or q8_0 (q8_0 falls back to f16 for a tensor whose rows are not a multiple
 of 32 values).
 
-Tokenizer caveat: llama.cpp picks its pre-tokenizer (the split regex) by name from a fixed list.
-The tokenizer stage's split caps runs of CJK characters at `max_cjk_run`, which none of them does;
-"qwen2" is the closest (same handling of letters, digits, punctuation and spaces, but CJK runs of
-any length). llama.cpp then applies our merges to whole CJK runs, which can segment a long run
-differently from our tokenizer (every piece is still a token of the vocabulary and decodes to the
-same text). The chat template is written without transformers' {% generation %} markers, which
-llama.cpp's template engine does not know.
+Tokenizer: llama.cpp picks its pre-tokenizer (the split regex) by name from a fixed list, so the
+export looks up the split tokenizer.json uses (a Split regex followed by a non-splitting ByteLevel)
+in LLAMA_CPP_SPLITS and writes that name; a split llama.cpp does not implement is a ValueError,
+since llama.cpp would cut text elsewhere and give other token ids. A normalizer (stock Qwen's NFC)
+is not written: llama.cpp applies none, so text not already in that form tokenizes differently
+(the tokenizer stage's tokenizers have none). The chat template is written without transformers'
+{% generation %} markers, which llama.cpp's template engine does not know.
 
 Memory: the whole state dict (float) plus the converted copy of one tensor at a time; the writer
 keeps references to the converted arrays until the file is written (about the GGUF's size).
@@ -61,7 +62,12 @@ from .hf import _read_safetensors
 
 ARCHS = {"qwen3": "QWEN3", "qwen2": "QWEN2", "qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE"}
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-PRE_TOKENIZER = "qwen2"
+# llama.cpp pre-tokenizer name -> the split regex of tokenizer.json it equals (llama-vocab.cpp,
+# LLAMA_VOCAB_PRE_TYPE_QWEN2: Qwen2's regex, which llama.cpp runs with its own Unicode tables).
+LLAMA_CPP_SPLITS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 _F32_ALWAYS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # MoE routers
 
 
@@ -150,13 +156,33 @@ def _vocab(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, [int(t) for t in types]
 
 
+def llama_cpp_pre_tokenizer(tokenizer: dict) -> str:
+    """The llama.cpp pre-tokenizer name (tokenizer.ggml.pre) for a parsed tokenizer.json whose
+    pre-tokenizer is Sequence[Split(regex, isolated), ByteLevel(use_regex false)] with a regex of
+    LLAMA_CPP_SPLITS. ValueError naming what was found otherwise."""
+    pre = tokenizer.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    split = steps[0] if steps else {}
+    pattern = (split.get("pattern") or {}).get("Regex")
+    byte_level = len(steps) == 2 and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)
+    if split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert") and byte_level:
+        for name, regex in LLAMA_CPP_SPLITS.items():
+            if pattern == regex:
+                return name
+    raise ValueError(
+        f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:300]}) is none llama.cpp implements "
+        f"({sorted(LLAMA_CPP_SPLITS)}): llama.cpp would split text elsewhere and give other token ids; "
+        f"retrain the tokenizer with the tokenizer stage (it uses llama.cpp's qwen2 split)")
+
+
 def _add_tokenizer(writer, hf_dir: Path, vocab_size: int) -> dict:
     gguf = _gguf()
     if not (hf_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{hf_dir} has no tokenizer.json: GGUF needs the tokenizer beside the weights")
+    pre = llama_cpp_pre_tokenizer(json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8")))
     tokens, types = _vocab(hf_dir, vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE_TOKENIZER)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab_size)
@@ -166,7 +192,8 @@ def _add_tokenizer(writer, hf_dir: Path, vocab_size: int) -> dict:
         special.special_token_ids["bos"] = special.special_token_ids["eos"]
     special.add_special_token.setdefault("bos", False)
     special.add_to_gguf(writer, quiet=True)
-    return {"tokens": len(tokens), "merges": len(special.merges), "special_ids": dict(special.special_token_ids)}
+    return {"tokens": len(tokens), "merges": len(special.merges), "special_ids": dict(special.special_token_ids),
+            "pre_tokenizer": pre}
 
 
 # --------------------------------------------------------------------------- the file
@@ -212,7 +239,7 @@ def _add_hparams(writer, hf: dict, model_type: str) -> None:
 
 def write_gguf(hf_dir: str | Path, out_path: str | Path, dtype: str = "f16", name: str | None = None) -> dict:
     """Convert an HF directory into one GGUF file; returns {"architecture", "tensors", "tokens", "merges",
-    "special_ids", "bytes"}."""
+    "special_ids", "pre_tokenizer", "bytes"}."""
     gguf = _gguf()
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if dtype not in DTYPES:
@@ -329,6 +356,8 @@ def check_gguf(path: str | Path, hf_dir: str | Path) -> list[str]:
         f"{arch}.rope.freq_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         f"{arch}.attention.layer_norm_rms_epsilon": hf["rms_norm_eps"],
         "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": llama_cpp_pre_tokenizer(
+            json.loads((Path(hf_dir) / "tokenizer.json").read_text(encoding="utf-8"))),
     }
     if "moe" in arch:
         want.update({f"{arch}.expert_count": hf["num_experts"], f"{arch}.expert_used_count": hf["num_experts_per_tok"],
@@ -397,41 +426,3 @@ def _hf_names(hf_dir: Path) -> list[str]:
         with safe_open(str(f), framework="pt") as fh:
             names += list(fh.keys())
     return names
-
-
-# --------------------------------------------------------------------------- the tokenizer as llama.cpp runs it
-
-# llama.cpp's split for tokenizer.ggml.pre = "qwen2" (the Qwen2 tokenizer's regex, llama-vocab.cpp)
-LLAMA_QWEN2_SPLIT = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-def llama_cpp_tokenizer(tokenizer_json: str | Path):
-    """Our vocabulary and merges behind llama.cpp's "qwen2" split instead of ours: the tokens
-    llama.cpp produces for text with this GGUF (a `tokenizers.Tokenizer`; special-token strings in
-    the text are encoded as text)."""
-    from tokenizers import Regex, Tokenizer, pre_tokenizers
-
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA_QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.encode_special_tokens = True
-    return tok
-
-
-def tokenizer_agreement(tokenizer_json: str | Path, texts: list[str]) -> dict:
-    """How often llama.cpp's tokenization (llama_cpp_tokenizer) equals ours on `texts`:
-    {"docs", "same_docs", "ours_tokens", "llama_tokens"}."""
-    from tokenizers import Tokenizer
-
-    ours = Tokenizer.from_file(str(tokenizer_json))
-    ours.encode_special_tokens = True
-    theirs = llama_cpp_tokenizer(tokenizer_json)
-    a = ours.encode_batch_fast(texts, add_special_tokens=False)
-    b = theirs.encode_batch_fast(texts, add_special_tokens=False)
-    return {"docs": len(texts), "same_docs": sum(x.ids == y.ids for x, y in zip(a, b)),
-            "ours_tokens": sum(len(x.ids) for x in a), "llama_tokens": sum(len(y.ids) for y in b)}

@@ -32,7 +32,7 @@ def make_tokenizer_dir(out: Path, vocab_size: int = 600) -> Path:
     from tasks.stages.tokenizer import NAMED_SPECIAL, hf_config, new_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = new_tokenizer(4)
+    tok = new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(NAMED_SPECIAL),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     texts = [m["content"] for c in chatterbot_conversations() for m in c]

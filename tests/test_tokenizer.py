@@ -134,10 +134,16 @@ def test_compression_is_reported_on_held_out_documents(trained):
     assert "chars/token" in report and "alpaca" in report
 
 
-def test_cjk_runs_are_split_but_multi_character_tokens_exist(trained):
-    tok = Tokenizer.from_file(str(trained[3] / "tokenizer.json"))
-    pieces = tok.pre_tokenizer.pre_tokenize_str("中华人民共和国成立了")
-    assert max(end - start for _, (start, end) in pieces) <= 4  # default max_cjk_run
+def test_split_is_llama_cpps_qwen2_and_multi_character_tokens_exist(trained):
+    from model.gguf_export import llama_cpp_pre_tokenizer
+
+    directory = trained[3]
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    text = "中华人民共和国成立了，2024年 Hello world's\n\n  ok"
+    pieces = [text[a:b] for _, (a, b) in tok.pre_tokenizer.pre_tokenize_str(text)]
+    assert pieces == ["中华人民共和国成立了", "，", "2", "0", "2", "4", "年", " Hello", " world", "'s", "\n\n", " ", " ok"]
+    # the GGUF export finds the llama.cpp pre-tokenizer that splits the same (tests/test_export.py runs it)
+    assert llama_cpp_pre_tokenizer(json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))) == "qwen2"
     words = [tok.decode([i]) for i in range(tok.get_vocab_size())]
     multi = [w for w in words if len(w) >= 2 and all("\u4e00" <= c <= "\u9fff" for c in w)]
     assert len(multi) > 50, multi[:20]

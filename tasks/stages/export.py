@@ -19,7 +19,8 @@ Checks  the GGUF is read back with gguf's reader and compared with llama.cpp's t
 Memory  the model in a few copies (source, converted, read back): fine for the models this project
         trains (up to ~0.5B parameters, a few GB); validation rows <= val_tokens.
 Fails   when the model stage's manifest names no HF directory, the GGUF check finds problems, or a
-        format the model cannot take (RoPE "dynamic" scaling in GGUF) is asked for.
+        format the model cannot take (RoPE "dynamic" scaling in GGUF, a tokenizer split llama.cpp does not
+        implement) is asked for.
 """
 from __future__ import annotations
 
@@ -87,13 +88,13 @@ def run(cfg: ExportSettings, inputs: dict, out) -> StageResult:
         int8_stats = save_int8_dir(src, out.path / "int8")
 
     tokenizer_json = out.local_input(inputs["tokenizer"], "tokenizer.json")
-    quality, agreement = measure(cfg, model, src, out.path, gguf_name, inputs["shard"], tokenizer_json, out,
-                                 cfg.seq_len or mcfg.max_seq_len)
+    quality = measure(cfg, model, src, out.path, gguf_name, inputs["shard"], tokenizer_json, out,
+                      cfg.seq_len or mcfg.max_seq_len)
 
     sizes = {"source": _bytes(src), "hf": _bytes(hf_out), "gguf": _bytes(out.path / gguf_name)}
     if cfg.int8:
         sizes["int8"] = _bytes(out.path / "int8")
-    (out.path / "report.md").write_text(report_md(cfg, gguf_name, info, sizes, quality, int8_stats, agreement),
+    (out.path / "report.md").write_text(report_md(cfg, gguf_name, info, sizes, quality, int8_stats),
                                         encoding="utf-8")
     out.log_artifact("report.md")
     metrics = {f"bytes.{k}": v for k, v in sizes.items()}
@@ -112,33 +113,30 @@ def run(cfg: ExportSettings, inputs: dict, out) -> StageResult:
                  + (f", int8/ ({sizes['int8'] / 1e6:.1f} MB)" if cfg.int8 else "") + int8_note),
         extra={"source": SOURCE, "hf_dir": "hf", "gguf": gguf_name, "int8_dir": "int8" if cfg.int8 else None,
                "architecture": info["architecture"], "bytes": sizes, "quality": quality,
-               "tokenizer_agreement": agreement, "int8": int8_stats, "gguf_tokens": info["tokens"],
+               "gguf_pre_tokenizer": info["pre_tokenizer"], "int8": int8_stats, "gguf_tokens": info["tokens"],
                "gguf_merges": info["merges"], "special_ids": info["special_ids"]},
     )
 
 
 def measure(cfg: ExportSettings, model, src: Path, out_dir: Path, gguf_name: str, shard_m, tokenizer_json: Path,
-            out, seq_len: int) -> tuple[dict[str, dict], dict | None]:
-    """Held-out loss of every format on the same validation rows (CPU), plus the GGUF's weights on
-    the validation text as llama.cpp tokenizes it. Returns ({format: heldout_loss + changes}, the
-    tokenizer agreement), ({}, None) without a validation split."""
-    import numpy as np
+            out, seq_len: int) -> dict[str, dict]:
+    """Held-out loss of every format on the same validation rows (CPU): {format: heldout_loss +
+    changes}, {} without a validation split. llama.cpp tokenizes as tokenizer.json does (the GGUF
+    names the same split), so every format sees the same tokens."""
     import torch
-    from tokenizers import Tokenizer
     from transformers import AutoConfig
 
     from model import load_hf_dir
-    from model.gguf_export import llama_cpp_tokenizer, load_gguf_state, tokenizer_agreement
+    from model.gguf_export import load_gguf_state
     from model.hf import config_from_hf, from_hf_state_dict
     from model.quantize import load_int8_dir
     from model.transformer import Transformer
-    from tasks.train.data import ValidationRows
     from tasks.train.heldout import heldout_loss, heldout_rows
 
     device = torch.device("cpu")  # the formats are for CPUs and llama.cpp; so is the measurement
     rows = heldout_rows(shard_m, out, seq_len, cfg.val_tokens, tokenizer_json)
     if rows is None:
-        return {}, None
+        return {}
     quality = {SOURCE: heldout_loss(model.eval(), rows, device)}
     quality["hf"] = heldout_loss(load_hf_dir(out_dir / "hf")[0].eval(), rows, device)
     gguf_model = Transformer(config_from_hf(AutoConfig.from_pretrained(src)))
@@ -149,67 +147,38 @@ def measure(cfg: ExportSettings, model, src: Path, out_dir: Path, gguf_name: str
         quality["int8"] = heldout_loss(load_int8_dir(out_dir / "int8")[0], rows, device)
         quality["int8mm"] = heldout_loss(load_int8_dir(out_dir / "int8", kernel="int8mm")[0], rows, device)
 
-    # The same documents as llama.cpp tokenizes them ("qwen2" split, model/gguf_export.py): only
-    # bits per byte compare across tokenizations.
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    eos = int(shard_m.extra["eos_id"])
-    texts = [tok.decode(d.tolist(), skip_special_tokens=True) for d in heldout_docs(shard_m, out, cfg.val_tokens)]
-    agreement = tokenizer_agreement(tokenizer_json, texts)
-    llama = llama_cpp_tokenizer(tokenizer_json)
-    docs = [np.array(e.ids + [eos], dtype=np.int64) for e in llama.encode_batch_fast(texts, add_special_tokens=False)]
-    llama_rows = ValidationRows(iter(docs), seq_len, eos, sum(d.size for d in docs),
-                                lambda ids: tok.decode(ids, skip_special_tokens=True))
-    quality["gguf-llama-tokens"] = heldout_loss(gguf_model, llama_rows, device)
-
     base = quality[SOURCE]
-    for name, q in quality.items():
+    for q in quality.values():
         q["bpb_change"] = q["val_bpb"] / base["val_bpb"] - 1.0
-        q["ppl_change"] = q["val_ppl"] / base["val_ppl"] - 1.0 if name != "gguf-llama-tokens" else None
-    return quality, agreement
+        q["ppl_change"] = q["val_ppl"] / base["val_ppl"] - 1.0
+    return quality
 
 
-def heldout_docs(shard_m, out, max_tokens: int) -> list:
-    """The validation documents ValidationRows takes for `max_tokens` (file order, whole documents)."""
-    from tasks.shard_reader import ShardReader
-
-    files = [str(out.local_input(shard_m, s["path"])) for s in shard_m.extra["shards"] if s["split"] == "val"]
-    docs, total = [], 0
-    for doc in ShardReader(files, shuffle=False, loop=False):
-        if total >= max_tokens:
-            break
-        docs.append(doc)
-        total += doc.size
-    return docs
-
-
-def report_md(cfg: ExportSettings, gguf_name: str, info: dict, sizes: dict, quality: dict, int8_stats,
-              agreement: dict | None) -> str:
+def report_md(cfg: ExportSettings, gguf_name: str, info: dict, sizes: dict, quality: dict, int8_stats) -> str:
     lines = ["# export", "", f"Source: the `{SOURCE}` stage's model.", "",
              "| format | files | size | bits/byte | change | perplexity | change |",
              "|---|---|---:|---:|---:|---:|---:|"]
     rows = [(SOURCE, "(upstream) hf/", "source"), ("hf", f"hf/ ({cfg.hf_dtype})", "hf"),
-            ("gguf", f"{gguf_name} ({cfg.gguf_dtype})", "gguf"),
-            ("gguf-llama-tokens", f"{gguf_name}, text tokenized as llama.cpp does", "gguf")]
+            ("gguf", f"{gguf_name} ({cfg.gguf_dtype})", "gguf")]
     if "int8" in sizes:
         rows.append(("int8", "int8/ (int8 weight-only, per-channel; kernel dequant)", "int8"))
         rows.append(("int8mm", "int8/ (kernel int8mm: torch's int8 weight kernel, bf16 activations)", "int8"))
 
     def pct(x):
-        return "-" if x is None else f"{100 * x:+.3f}%"
+        return f"{100 * x:+.3f}%"
 
     for fmt, files, size_key in rows:
         q = quality.get(fmt)
         if q is None:
             lines.append(f"| {fmt} | {files} | {sizes[size_key] / 1e6:.2f} MB | - | - | - | - |")
             continue
-        ppl = f"{q['val_ppl']:.3f}" if q["ppl_change"] is not None else "-"
         lines.append(f"| {fmt} | {files} | {sizes[size_key] / 1e6:.2f} MB | {q['val_bpb']:.4f} | "
-                     f"{pct(q['bpb_change'])} | {ppl} | {pct(q['ppl_change'])} |")
+                     f"{pct(q['bpb_change'])} | {q['val_ppl']:.3f} | {pct(q['ppl_change'])} |")
     if quality:
         q = quality[SOURCE]
         lines += ["", f"Measured on {q['val_tokens']:,} held-out tokens of the shard stage's validation split "
                       f"(source: {q['val_loss']:.4f} nats/token). The GGUF rows run our Transformer with the "
-                      f"weights read back from the file; perplexity compares only where the tokens are the same."]
+                      f"weights read back from the file."]
     else:
         lines += ["", "No validation split (stages.shard.val_fraction 0): nothing measured."]
     lines += ["", "## GGUF", "",
@@ -218,13 +187,9 @@ def report_md(cfg: ExportSettings, gguf_name: str, info: dict, sizes: dict, qual
               f"tensor name and shape matches llama.cpp's loader for this architecture, and the hyperparameters "
               f"and tokenizer keys llama.cpp reads are present.",
               "", f"Run it: `llama-cli -m {gguf_name} -p 你好`, or in Ollama a Modelfile with `FROM ./{gguf_name}`.",
-              "", "Tokenizer: llama.cpp splits text with a built-in regex chosen by name; none caps CJK runs "
-                  "as the tokenizer stage does, so the file names `qwen2` (the same rules otherwise) and "
-                  "llama.cpp segments long runs of Chinese differently (valid tokens, same text)."]
-    if agreement:
-        lines.append(f"On the held-out documents {agreement['same_docs']:,} of {agreement['docs']:,} tokenize "
-                     f"identically; llama.cpp uses {agreement['llama_tokens']:,} tokens where ours uses "
-                     f"{agreement['ours_tokens']:,}. The `gguf-llama-tokens` row is the model on that tokenization.")
+              "", f"Tokenizer: llama.cpp splits text with a built-in regex chosen by name; the file names "
+                  f"`{info['pre_tokenizer']}`, the split the tokenizer was trained with, so llama.cpp gives the "
+                  f"same token ids as tokenizer.json."]
     if int8_stats:
         lines += ["", "## int8", "",
                   f"{int8_stats['quantized_tensors']} weight matrices in int8 with one fp32 scale per output row, "

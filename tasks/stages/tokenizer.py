@@ -10,13 +10,13 @@ Writes  tokenizer.json            the fast tokenizer (model, pre-tokenizer, deco
         manifest extra            vocab size, special token ids, compression, sample sizes.
 Text    nothing normalizes the text: byte-level BPE with byte fallback for all 256 bytes, so
         decode(encode(text)) == text for every string.
-Split   the pre-tokenizer cuts runs of CJK characters (Han, kana) into pieces of at most
-        `max_cjk_run` characters, and splits off digits (one each), punctuation, whitespace
-        and other letters (GPT-style). Unspaced Chinese would otherwise become one long,
-        unique "word" per clause, and the BPE trainer's memory grows with the corpus
-        (docs/operations.md, "Known dependency facts"). Merges stay inside a piece, so tokens of up
-        to `max_cjk_run` Chinese characters remain possible (measured in benchmarks/shard.py:
-        4 keeps ~96% of the unbounded split's characters per token).
+Split   the pre-tokenizer is Qwen2's split regex, which llama.cpp implements for its "qwen2"
+        pre-tokenizer (llama-vocab.cpp): runs of letters (a whole clause of unspaced Chinese is
+        one piece), single digits, punctuation runs, whitespace. The GGUF export names it, so
+        llama.cpp and Ollama cut text as this tokenizer does and give the same token ids
+        (tests/test_export.py runs llama.cpp on held-out text). Unspaced Chinese makes long,
+        unique pieces, and the BPE trainer's memory grows with the characters trained on
+        (docs/operations.md, "Known dependency facts"): `sample_chars` is the bound.
 Sample  each document gets a fixed pseudo-random number u in [0, 1) from (seed, its position
         in the corpus). Documents with u >= 1 - heldout_share are held out for the
         compression report; those with u < sample_share are trained on, in corpus order,
@@ -46,7 +46,7 @@ from tasks.corpus.documents import document_files, iter_batches
 from tasks.corpus.positions import uniform
 from tasks.registry import Stage, StageResult
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: llama.cpp's qwen2 split (1 capped CJK runs at max_cjk_run, which llama.cpp cannot)
 
 # ChatML. The assistant's reply and its <|im_end|> sit inside {% generation %}, so the
 # assistant mask covers exactly what the model must learn to say (not the "\n" after it,
@@ -70,7 +70,12 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
+# Qwen2's tokenizer.json split, character for character: llama.cpp's "qwen2" pre-tokenizer is
+# this regex (model/gguf_export.py recognises it in tokenizer.json and writes the name).
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 class TokenizerSettings(Strict):
@@ -79,7 +84,6 @@ class TokenizerSettings(Strict):
     vocab_size: int = Field(6400, ge=512, le=1_000_000)
     sample_chars: int = Field(20_000_000, ge=10_000)  # characters trained on: the memory bound
     heldout_chars: int = Field(1_000_000, ge=0)  # characters of held-out documents for the report
-    max_cjk_run: int = Field(4, ge=1, le=64)  # longest piece of unspaced CJK text (and token)
     min_frequency: int = Field(2, ge=1)  # a pair must occur this often to be merged
     reserved_tokens: int = Field(8, ge=0, le=4096)  # <|reserved_0|>... for later use, never in text
     seed: int = 0  # which documents are sampled / held out
@@ -98,27 +102,13 @@ def special_tokens(cfg: TokenizerSettings) -> list[str]:
     return [*NAMED_SPECIAL, *(f"<|reserved_{i}|>" for i in range(cfg.reserved_tokens))]
 
 
-def pretokenizer_pattern(max_cjk_run: int | None) -> str:
-    """The split regex (Oniguruma): CJK runs of <= max_cjk_run (None: unbounded, for
-    measurements only), other letters, single digits, punctuation runs, whitespace.
-    Every character falls in some piece, so nothing is lost."""
-    run = "+" if max_cjk_run is None else f"{{1,{max_cjk_run}}}"
-    return (
-        f"[{_CJK}]{run}"
-        f"|[^\\r\\n\\p{{L}}\\p{{N}}]?[\\p{{L}}\\p{{M}}&&[^{_CJK}]]+"
-        r"|\p{N}"
-        r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
-        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-    )
-
-
-def new_tokenizer(max_cjk_run: int | None):
-    """An untrained byte-level BPE tokenizer with the CJK-aware split and no normalizer."""
+def new_tokenizer():
+    """An untrained byte-level BPE tokenizer with llama.cpp's qwen2 split and no normalizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pretokenizer_pattern(max_cjk_run)), behavior="isolated"),
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -247,8 +237,8 @@ def report_md(cfg: TokenizerSettings, vocab: int, plan: Plan, taken: dict, comp:
     lines = [
         "# tokenizer",
         "",
-        f"Byte-level BPE, {vocab} tokens ({len(special_tokens(cfg))} special), CJK pieces of at most "
-        f"{cfg.max_cjk_run} characters.",
+        f"Byte-level BPE, {vocab} tokens ({len(special_tokens(cfg))} special), split as llama.cpp's "
+        f"qwen2 pre-tokenizer splits.",
         f"Trained on {taken['docs']:,} documents, {taken['chars']:,} characters "
         f"(of {plan.docs:,} documents, {plan.chars:,} characters).",
         "",
@@ -276,7 +266,7 @@ def run(cfg: TokenizerSettings, inputs: dict, out) -> StageResult:
             f"check the sources and the cleaning rules"
         )
     specials = special_tokens(cfg)
-    tok = new_tokenizer(cfg.max_cjk_run)
+    tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
@@ -320,7 +310,7 @@ def run(cfg: TokenizerSettings, inputs: dict, out) -> StageResult:
             "compression": comp,
             "corpus": {"docs": plan.docs, "chars": plan.chars},
             "sample": dict(taken),
-            "pretokenizer": pretokenizer_pattern(cfg.max_cjk_run),
+            "pretokenizer": SPLIT_PATTERN,
         },
     )
 

@@ -27,6 +27,7 @@ evaluate(lm, tasks)  lm-eval's evaluate on it, samples logged; task_metrics(resu
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -213,26 +214,43 @@ def write_tasks(bench: Benchmark, k: int, folder: Path) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def hugging_face_offline():
+    """HF_DATASETS_OFFLINE and HF_HUB_OFFLINE on while lm-eval loads the local task files, restored after:
+    set for good, they would turn off the hub for the rest of the process and every child it starts
+    (a later download stage, `slm run` in the same shell session of a test)."""
+    names = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    before = {n: os.environ.get(n) for n in names}
+    os.environ.update({n: "1" for n in names})
+    try:
+        yield
+    finally:
+        for n, value in before.items():
+            if value is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = value
+
+
 def load_tasks(folders: Path | list[Path], names: list[str]) -> dict:
     """lm-eval's task dict (TaskManager.load) for `names` from the task YAMLs under `folders`, offline
     (Hugging Face datasets and hub calls off: the data are local files; lm-eval's own catalogue, which
     takes a minute to index, is left out). Load once, evaluate many models on it. A folder that does not
     exist or a name no YAML there defines is an error naming the folders."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lm_eval.tasks import TaskManager
-
     folders = [Path(f).expanduser() for f in (folders if isinstance(folders, list) else [folders])]
     absent = [str(f) for f in folders if not f.is_dir()]
     if absent:
         raise BenchmarkError(f"lm-eval task folder(s) {absent} do not exist; stages.eval.lm_eval_include names "
                              f"folders of lm-eval task YAMLs")
-    manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
-    unknown = [n for n in names if n not in manager.all_tasks]
-    if unknown:
-        raise BenchmarkError(f"lm-eval task(s) {unknown} are defined by no YAML under {[str(f) for f in folders]} "
-                             f"(known there: {sorted(manager.all_tasks)[:20]})")
-    loaded = manager.load(names)
+    with hugging_face_offline():
+        from lm_eval.tasks import TaskManager
+
+        manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
+        unknown = [n for n in names if n not in manager.all_tasks]
+        if unknown:
+            raise BenchmarkError(f"lm-eval task(s) {unknown} are defined by no YAML under {[str(f) for f in folders]} "
+                                 f"(known there: {sorted(manager.all_tasks)[:20]})")
+        loaded = manager.load(names)
     for task in loaded["tasks"].values():  # what simple_evaluate does to each task it loads
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)

@@ -17,8 +17,8 @@ local pool or Ray, with its own resume marker) that reads one partition of every
                      id (datasketch MinHashLSH's banding; the pairs of tasks.corpus.minhash's
                      bucket_edges), pairs re-partitioned by member      -> pairs/p/q (leader, member)
   verify_unit(q)     pairs of every p for member partition q, duplicates across bands dropped,
-                     kept if their signatures agree on >= threshold (read from the shards'
-                     memory-mapped signature files)                           -> edges/q (a, b)
+                     kept if their signatures agree on >= threshold (rows read with pread
+                     from the shards' signature files: Signatures)            -> edges/q (a, b)
   components()       connected components of the verified edges by min-label propagation (polars
                      joins; with pointer jumping, so a chain of length L takes ~log L rounds):
                      every node labelled with the smallest doc id of its component -> labels

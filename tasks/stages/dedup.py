@@ -67,7 +67,7 @@ from tasks.corpus.text import tokenize
 from tasks.registry import Stage, StageResult
 
 STAGE_VERSION = 2  # 2: step 2 hash-partitioned (tasks/corpus/clusters.py); same output as 1
-SCRATCH = "_work/dedup"
+SCRATCH = clusters.FOLDER  # "_work/dedup": step 2 (clusters.py) reads the signatures step 1 writes there
 KEPT, EXACT, NEAR = 0, 1, 2
 KINDS = {EXACT: "exact", NEAR: "near"}
 

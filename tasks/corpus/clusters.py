@@ -14,8 +14,9 @@ local pool or Ray, with its own resume marker) that reads one partition of every
                      smaller doc id is removed in favour of that first one   -> exact/p (doc, rep)
   bucket_unit(p)     band rows of partition p, the exact-removed documents left out (anti-join):
                      every member of a (band, key) bucket paired with the bucket's smallest doc
-                     id (datasketch MinHashLSH's banding; the pairs of tasks.corpus.minhash's
-                     bucket_edges), pairs re-partitioned by member      -> pairs/p/q (leader, member)
+                     id (datasketch MinHashLSH's banding; the pairs of the in-memory
+                     tests/dedup_reference.py bucket_edges), pairs re-partitioned by member
+                                                                        -> pairs/p/q (leader, member)
   verify_unit(q)     pairs of every p for member partition q, duplicates across bands dropped,
                      kept if their signatures agree on >= threshold (rows read with pread
                      from the shards' signature files: Signatures)            -> edges/q (a, b)

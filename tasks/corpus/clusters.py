@@ -96,8 +96,19 @@ def write_partitions(out: Path, name: str, shard: int, exact: np.ndarray, band_k
     return files
 
 
+def partition_files(kind: str, p: int, names: list[str]) -> list[str]:
+    """Partition p of every shard's step-1 files of `kind` (exact-in, bands-in), relative to the
+    stage's working directory: a unit's "inputs" (tasks/corpus/ray_units.py fetches them)."""
+    return [f"{FOLDER}/{kind}/{p}/{name}.arrow" for name in names]
+
+
+def signature_files(names: list[str], kinds: tuple[str, ...] = ("sig",)) -> list[str]:
+    """Every shard's step-1 signature files (sig: the signatures, has: which rows have one)."""
+    return [f"{FOLDER}/sig/{name}.{kind}.npy" for name in names for kind in kinds]
+
+
 def _inputs(out: Path, kind: str, p: int, names: list[str]) -> list[Path]:
-    return [out / FOLDER / kind / str(p) / f"{name}.arrow" for name in names]
+    return [out / rel for rel in partition_files(kind, p, names)]
 
 
 def exact_unit(args: dict) -> dict:

@@ -5,12 +5,12 @@
 
 --build needs the tokenizer stage's output (benchmarks/pretrain.py --build-shards makes one under
 its folder: artifacts/tokenizer/<key>/) and the pipeline's dependencies; it writes sft.npz
-(conversations through tasks.stages.sft.prepare) and pairs.npz (tasks.stages.dpo.encode_pairs) into DIR.
-The GPU run imports only the engine, tasks.stages.sft / tasks.stages.dpo (and pydantic through them).
+(conversations through tasks.train.finetune.prepare) and pairs.npz (tasks.train.pairs.encode_pairs) into DIR.
+The GPU run imports only the engine and tasks.train's chats / pairs / objectives (and pydantic through them).
 
 Rows (each: torch.compile, bf16 autocast, fused AdamW, the engine's train() as the stages run it,
 randomly initialised weights: throughput does not depend on them):
-  sft      packed conversations (tasks.stages.sft.PackedChats), loss on assistant tokens only
+  sft      packed conversations (tasks.train.chats.PackedChats), loss on assistant tokens only
   dpo      pairs right-padded to seq_len, chosen + rejected in one forward (tasks.train.objectives.DPO),
            reference log-probs precomputed (as the stage does; not timed)
 Columns: row tokens/s (rows x seq_len / s), real tokens/s (padding excluded), learnt tokens/s
@@ -64,7 +64,7 @@ def build(out: Path, tokenizer_dir: Path, data: Path) -> None:
 
 
 def reference_logps(arrays: dict[str, np.ndarray], mcfg: ModelConfig, device) -> dict[str, np.ndarray]:
-    """The initial model's sequence log-probs, as tasks.stages.dpo computes them before training."""
+    """The initial model's sequence log-probs, as the dpo stage (tasks/stages/dpo.py) computes them before training."""
     from tasks.train.objectives import sequence_logps
 
     torch.manual_seed(0)

@@ -14,11 +14,12 @@ local pool or Ray, with its own resume marker) that reads one partition of every
                      smaller doc id is removed in favour of that first one   -> exact/p (doc, rep)
   bucket_unit(p)     band rows of partition p, the exact-removed documents left out (anti-join):
                      every member of a (band, key) bucket paired with the bucket's smallest doc
-                     id (datasketch MinHashLSH's banding; the pairs of tasks.corpus.minhash's
-                     bucket_edges), pairs re-partitioned by member      -> pairs/p/q (leader, member)
+                     id (datasketch MinHashLSH's banding; the pairs of the in-memory
+                     tests/dedup_reference.py bucket_edges), pairs re-partitioned by member
+                                                                        -> pairs/p/q (leader, member)
   verify_unit(q)     pairs of every p for member partition q, duplicates across bands dropped,
-                     kept if their signatures agree on >= threshold (read from the shards'
-                     memory-mapped signature files)                           -> edges/q (a, b)
+                     kept if their signatures agree on >= threshold (rows read with pread
+                     from the shards' signature files: Signatures)            -> edges/q (a, b)
   components()       connected components of the verified edges by min-label propagation (polars
                      joins; with pointer jumping, so a chain of length L takes ~log L rounds):
                      every node labelled with the smallest doc id of its component -> labels
@@ -95,8 +96,19 @@ def write_partitions(out: Path, name: str, shard: int, exact: np.ndarray, band_k
     return files
 
 
+def partition_files(kind: str, p: int, names: list[str]) -> list[str]:
+    """Partition p of every shard's step-1 files of `kind` (exact-in, bands-in), relative to the
+    stage's working directory: a unit's "inputs" (tasks/corpus/ray_units.py fetches them)."""
+    return [f"{FOLDER}/{kind}/{p}/{name}.arrow" for name in names]
+
+
+def signature_files(names: list[str], kinds: tuple[str, ...] = ("sig",)) -> list[str]:
+    """Every shard's step-1 signature files (sig: the signatures, has: which rows have one)."""
+    return [f"{FOLDER}/sig/{name}.{kind}.npy" for name in names for kind in kinds]
+
+
 def _inputs(out: Path, kind: str, p: int, names: list[str]) -> list[Path]:
-    return [out / FOLDER / kind / str(p) / f"{name}.arrow" for name in names]
+    return [out / rel for rel in partition_files(kind, p, names)]
 
 
 def exact_unit(args: dict) -> dict:

@@ -16,7 +16,10 @@ run_on_ray(address, pending, fn, finish, errors, bar, through_store)
             own, and every path under this process's download cache (<home>/cache/<stage>/<key>/..,
             upstream artifact files) is fetched by the worker from the store into its own cache;
             the files of the stage's working directory named after the unit (`_work/*/<unit>.*`,
-            an earlier phase's per-unit output) are fetched from the store's partial work too.
+            an earlier phase's per-unit output) and those its args list under "inputs" (paths
+            relative to the working directory: what a unit reads of other units' output, e.g.
+            dedup's partitions) are fetched from the store's partial work too, into a folder of
+            the unit's own (two units on one node never share, nor delete, each other's copies).
             The unit's files are uploaded to `<root>/<stage>/<key>.partial/` and removed from the
             worker; finish then copies them here (ArtifactDir.fetch_progress). Each worker needs
             credentials for the store in its own environment (AWS_*, ...): none are sent.
@@ -36,6 +39,7 @@ run_on_ray(address, pending, fn, finish, errors, bar, through_store)
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -139,7 +143,7 @@ def store_context(out, pending: list) -> dict[str, Any] | None:
         for path in scratch.rglob("*"):
             if path.is_file():
                 named.setdefault(path.name.split(".", 1)[0], []).append(path.relative_to(out.path).as_posix())
-    fetch = {u.name: sorted(named.get(u.name, [])) for u in pending}
+    fetch = {u.name: sorted(set(named.get(u.name, [])) | set(u.args.get("inputs", []))) for u in pending}
     # What the units fetch must be in the store's partial work: upload what is not there yet
     # (e.g. shard's pass-1 buckets, written here without save_progress).
     partial = store.partial_path(out.stage, out.key)
@@ -174,15 +178,13 @@ def run_through_store(fn: Callable[[dict], dict], args: dict, ctx: dict) -> dict
     from storage.keys import short
 
     home = _worker_dir()
-    work = home / "work" / ctx["stage"] / f"{short(ctx['key'])}.partial"
-    name = args.get("name", "")
+    work = home / "work" / ctx["stage"] / f"{short(ctx['key'])}.partial" / ctx["unit"]
+    name = ctx["unit"]
     try:
         store = ArtifactStore(ctx["root"], home)
         partial = store.partial_path(ctx["stage"], ctx["key"])
-        fetched = []
         for rel in ctx["fetch"]:
             _get(store.fs, f"{partial}/{rel}", work / rel)
-            fetched.append(work / rel)
 
         def localize(value):
             if isinstance(value, dict):
@@ -208,8 +210,7 @@ def run_through_store(fn: Callable[[dict], dict], args: dict, ctx: dict) -> dict
             store.fs.put_file(str(work / rel), f"{partial}/{rel}")
     except Exception as err:  # noqa: BLE001
         raise _store_error(ctx["root"], f"upload {name}'s files", err) from None
-    for path in [work / rel for rel in result.get("files", [])] + fetched:
-        path.unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # the unit's files are in the store; its fetched inputs go too
     return result
 
 
@@ -235,7 +236,7 @@ def run_on_ray(address: str | None, pending: list, fn: Callable[[dict], dict], f
         fn_ref = ray.put(fn)
         running = {remote.options(name=f"slm:{u.name}").remote(
             fn_ref, u.args, {**{k: v for k, v in through_store.items() if k != "fetch"},
-                             "fetch": through_store["fetch"][u.name]}): u for u in ordered}
+                             "fetch": through_store["fetch"][u.name], "unit": u.name}): u for u in ordered}
     try:
         while running:
             done, _ = ray.wait(list(running), num_returns=1)

@@ -67,7 +67,7 @@ from tasks.corpus.text import tokenize
 from tasks.registry import Stage, StageResult
 
 STAGE_VERSION = 2  # 2: step 2 hash-partitioned (tasks/corpus/clusters.py); same output as 1
-SCRATCH = "_work/dedup"
+SCRATCH = clusters.FOLDER  # "_work/dedup": step 2 (clusters.py) reads the signatures step 1 writes there
 KEPT, EXACT, NEAR = 0, 1, 2
 KINDS = {EXACT: "exact", NEAR: "near"}
 
@@ -242,16 +242,23 @@ def step2(out, units: list[Unit], signed: dict, s: DedupSettings) -> dict:
     base = {"out": str(out.path), "names": names, "partitions": s.partitions}
     exact_files: list[str] = []
     if s.exact:
-        done = run_units(out, "dedup-exact", [Unit(f"p{p}", {**base, "partition": p}) for p in parts],
-                         clusters.exact_unit, desc="dedup exact groups")
+        # "inputs": what a unit reads of other units' files (fetched by a Ray worker on an object-store root)
+        done = run_units(out, "dedup-exact", [Unit(f"p{p}", {**base, "partition": p, "inputs": clusters.partition_files(
+                             "exact-in", p, names)}) for p in parts], clusters.exact_unit, desc="dedup exact groups")
         exact_files = [f for r in done.values() for f in r["files"]]
     facts = {"candidate_pairs": 0, "verified_pairs": 0}
     if s.near:
-        done = run_units(out, "dedup-buckets", [Unit(f"p{p}", {**base, "partition": p, "exact_files": exact_files})
+        done = run_units(out, "dedup-buckets", [Unit(f"p{p}", {**base, "partition": p, "exact_files": exact_files,
+                                                             "inputs": clusters.partition_files("bands-in", p, names)
+                                                             + exact_files})
                                                 for p in parts], clusters.bucket_unit, desc="dedup buckets")
         pair_files = [f for r in done.values() for f in r["files"]]
-        verify = [Unit(f"q{q}", {**base, "partition": q, "verify": s.verify, "threshold": s.threshold,
-                                 "pair_files": [f for f in pair_files if f.endswith(f"/{q}.arrow")]}) for q in parts]
+        verify = []
+        for q in parts:
+            mine = [f for f in pair_files if f.endswith(f"/{q}.arrow")]
+            verify.append(Unit(f"q{q}", {**base, "partition": q, "verify": s.verify, "threshold": s.threshold,
+                                         "pair_files": mine,
+                                         "inputs": mine + (clusters.signature_files(names) if s.verify else [])}))
         done = run_units(out, "dedup-verify", verify, clusters.verify_unit, desc="dedup verify")
         facts["candidate_pairs"] = sum(r["candidate_pairs"] for r in done.values())
         facts["verified_pairs"] = sum(r["verified_pairs"] for r in done.values())
@@ -259,8 +266,9 @@ def step2(out, units: list[Unit], signed: dict, s: DedupSettings) -> dict:
         if not labels.exists():
             clusters.write_ipc(clusters.components([out.path / f for r in done.values() for f in r["files"]]), labels)
             out.save_progress(f"{SCRATCH}/labels.arrow")
+    shared = ([f"{SCRATCH}/labels.arrow"] if s.near else []) + exact_files + clusters.signature_files(names, ("has", "sig"))
     decide = [Unit(u.name, {**base, "name": u.name, "shard": i, "path": u.args["path"], "rows": signed[u.name]["rows"],
-                            "near": s.near, "exact_files": exact_files, "samples": s.samples})
+                            "near": s.near, "exact_files": exact_files, "samples": s.samples, "inputs": shared})
               for i, u in enumerate(units)]
     decided = run_units(out, "dedup-decide", decide, decide_unit, desc="dedup decide")
     _write_pairs(out, names)

@@ -7,7 +7,7 @@ Reads   distill_data's data/train.jsonl (OpenAI messages format: the SFT set's p
         teacher's text, so the student's tokenizer may differ from the teacher's.
 Writes  hf/, checkpoint/, quarantine.jsonl, and the manifest of sft (conversations, train/val,
         truncations, held-out assistant loss before and after training).
-Runs    tasks/stages/sft.py fine_tune: the SFT machinery (split, cut, pack; engine child, objective
+Runs    tasks/train/finetune.py fine_tune: the SFT machinery (split, cut, pack; engine child, objective
         `sft`). `special_token_weight` != 1 weights the loss of the reasoning template's special
         tokens, <think> and </think>, when they are targets: the student must learn where the
         reasoning starts and ends, a handful of tokens among many (per-token weights, PackedChats

@@ -24,6 +24,7 @@ the config slice already redacted; the profile and overrides are redacted here).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -32,6 +33,8 @@ from datetime import datetime
 from typing import Any
 
 from storage.redact import redact, redact_text
+
+log = logging.getLogger(__name__)
 
 # Read by MLflow when it is imported (mlflow/__init__.py starts its telemetry client then),
 # so it is set before the lazy imports below. A user who wants telemetry sets it to false.
@@ -229,10 +232,13 @@ class Tracker:
         monitor = self._monitors.pop(run_id, None)
         if monitor is None:
             return
-        monitor.finish()
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
+        try:
+            monitor.finish()
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as err:  # a last sample is not worth a stage, nor hiding why the stage failed
+            log.warning("system metrics of MLflow run %s: the last sample was not logged (%s)", run_id, err)
 
     def finish(self, run_id: str, ok: bool) -> None:
         self.stop_system_metrics(run_id)

@@ -34,7 +34,7 @@ from profiles.schema import Strict
 from storage.errors import SlmError
 from tasks.registry import Stage, StageResult
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the GGUF names its llama.cpp pre-tokenizer (gguf_pre_tokenizer) instead of an agreement estimate
 SOURCE = "dpo"  # the pipeline's final chat model (the end of the policy chain sft -> dpo -> ...)
 
 

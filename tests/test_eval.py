@@ -186,7 +186,7 @@ def test_heldout_loss_equals_pretrain_validation_and_models_compare(up, tmp_path
     assert all(g["text"] for g in gens if g["model"] == "pretrain")
     # the named task: lm-eval's bits per byte, the trained model below the random ones, in the table
     ci = {m["model"]: m["tasks"]["song_ci_lines"] for m in manifest.extra["models"]}
-    assert set(ci) == set(MODEL_STAGES) and ci["pretrain"]["bits_per_byte"] < ci["sft"]["bits_per_byte"] - 0.5
+    assert set(ci) == set(MODEL_STAGES) and ci["pretrain"]["bits_per_byte"] < ci["sft"]["bits_per_byte"] - 0.25
     report = (art / "report.md").read_text(encoding="utf-8")
     assert "song_ci_lines bits_per_byte |" in report and f"{ci['dpo']['bits_per_byte']:.4f}" in report
 

@@ -98,8 +98,8 @@ def test_grpo_raises_the_reward_of_a_learnable_rule(policy, tmp_path):
     assert after["reply_tokens"] < before["reply_tokens"]  # it learnt to stop early
     records = [r for r in read_metrics(out.scratch / "engine" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in records] == list(range(1, 17))  # every step logged
-    first, last = np.mean([r["reward"] for r in records[:2]]), np.mean([r["reward"] for r in records[-4:]])
-    assert last > first + 0.3
+    first, last = records[0]["reward"], np.mean([r["reward"] for r in records[-4:]])  # the reference's rollout
+    assert last > first + 0.3  # (after one step the policy has already moved: a mean over two would blur the start)
     assert all(k in records[0] for k in ("kl", "entropy", "clip_frac", "reply_tokens"))
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
     assert records[-1]["kl"] > 0.0

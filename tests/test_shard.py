@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from storage.artifacts import ArtifactStore
@@ -308,7 +309,7 @@ def test_reader_cursor_resumes_at_the_exact_document(built):
         ShardReader.from_artifact(directory, "val", world_size=100000, rank=0)
 
 
-class _Docs:
+class Docs(torch.utils.data.IterableDataset):
     """A torch IterableDataset over the reader, split across DataLoader workers."""
 
     def __init__(self, reader):
@@ -318,14 +319,19 @@ class _Docs:
         return iter(self.reader.for_dataloader_worker())
 
 
+def as_int64(doc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(doc.astype(np.int64))
+
+
 def test_reader_with_dataloader_workers_serves_every_document_once(built):
-    import torch
-    from torch.utils.data import DataLoader, IterableDataset
+    # spawned workers (as on macOS): a fresh interpreter each, whatever this test process has loaded or
+    # started before (forked from the full suite's process, a worker once exited at start-up, code 1)
+    from torch.utils.data import DataLoader
 
     store, _, _, manifest = built
     reader = ShardReader.from_artifact(artifact_dir(store, manifest), "train", seed=2, loop=False)
-    dataset = type("Docs", (_Docs, IterableDataset), {})(reader)
-    loader = DataLoader(dataset, batch_size=None, num_workers=2, collate_fn=lambda x: torch.from_numpy(x.astype(np.int64)))
+    loader = DataLoader(Docs(reader), batch_size=None, num_workers=2, collate_fn=as_int64,
+                        multiprocessing_context="spawn")
     got = [t.numpy().astype(np.uint16).tobytes() for t in loader]
     assert collections.Counter(got) == collections.Counter(as_bytes(rows_of(store, manifest, "train")))
 

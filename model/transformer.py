@@ -181,6 +181,7 @@ except ImportError:  # pragma: no cover
 #  * every torch.compile that traces this attention passes COMPILE_OPTIONS (the training engine
 #    does, and `_flex` for callers that do not compile); GEMMs stay on cuBLAS (ATEN), as by default.
 FLEX_BLOCK_SIZE = 64
+FLEX_MIN_SEQ = 128  # shorter sequences use a dense mask (document_mask says why)
 FLEX_KERNEL_OPTIONS = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
     "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3,
@@ -225,7 +226,10 @@ def document_mask(segments: torch.Tensor, use_flex: bool):
     on the data, so it is built once per forward and shared by all layers.
     """
     B, T = segments.shape
-    if use_flex and _HAS_FLEX and segments.is_cuda:
+    # FLEX_MIN_SEQ: under 128 tokens (64 and 96 seen) torch 2.11's compiled flex attention has no kernel
+    # to pick on an H200 (inductor's NoValidChoicesError, eager or max_autotune alike); a dense mask of
+    # at most 127 x 127 per row costs nothing there.
+    if use_flex and _HAS_FLEX and segments.is_cuda and T >= FLEX_MIN_SEQ:
 
         def mask_mod(b, h, q, kv):
             return (q >= kv) & (segments[b, q] == segments[b, kv])

@@ -69,9 +69,26 @@ def write_job(out: Path, model: dict, data: dict, objective: dict, **train) -> P
     return out
 
 
-def engine(config: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tasks.train.engine", "--config", str(config)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+class EngineProcess(subprocess.Popen):
+    """The engine on a run.json, its stdout and stderr appended to engine.stdout / engine.stderr beside
+    it; `communicate` returns what this process wrote there. Not pipes: a pipe nobody reads while the
+    test waits for checkpoints fills at 64 KiB, and a child that prints more (inductor's dump of a
+    failed compile) blocks on it forever instead of exiting with its error."""
+
+    def __init__(self, config: Path, **kw):
+        self.logs = [config.parent / "engine.stdout", config.parent / "engine.stderr"]
+        self.offsets = [p.stat().st_size if p.exists() else 0 for p in self.logs]
+        with open(self.logs[0], "ab") as out, open(self.logs[1], "ab") as err:
+            super().__init__([sys.executable, "-m", "tasks.train.engine", "--config", str(config)], cwd=ROOT,
+                             stdout=out, stderr=err, **kw)
+
+    def communicate(self, input=None, timeout=None):
+        self.wait(timeout)
+        return tuple(p.read_bytes()[at:].decode(errors="replace") for p, at in zip(self.logs, self.offsets))
+
+
+def engine(config: Path, **kw) -> EngineProcess:
+    return EngineProcess(config, **kw)
 
 
 def wait_for(predicate, timeout=60.0, every=0.005):

@@ -47,12 +47,12 @@ class Upstream:
     final: Manifest  # a `dpo` artifact holding the trained model: what export exports
 
     def models(self, **chosen: Manifest) -> dict[str, Manifest]:
-        """Inputs for eval: the three model stages (these fixtures unless `chosen`), tokenizer, shard."""
+        """Inputs for eval: the model stages and reward (these fixtures unless `chosen`), tokenizer, shard."""
         found = {"pretrain": self.pretrain, "sft": self.sft, "dpo": self.dpo, **chosen}
         from tasks.stages.eval import MODEL_STAGES  # later model stages (ppo, grpo, distill, ...): random-weight artifacts
 
         found.update({s: model_artifact(self.store, s, self.tokenizer, seed=10 + i)
-                      for i, s in enumerate(MODEL_STAGES) if s not in found})
+                      for i, s in enumerate([*MODEL_STAGES, "reward"]) if s not in found})
         return {**found, "tokenizer": self.tokenizer, "shard": self.shard}
 
     def profile(self, tracking: bool = False, **stages):

@@ -18,7 +18,7 @@ from model import load_hf_dir
 from tasks.train.chats import PackedChats
 from tasks.train.finetune import prepare
 from tasks.train.pairs import PairBatches, PairValidation, encode_pairs, preference_metrics, sequence_logps_np
-from tasks.train.preference import mismatched_pairs
+from tasks.train.preference import looped, looped_pairs, mismatched_pairs
 from tasks.train.stage import held_out, load_tokenizer
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import IGNORE
@@ -147,3 +147,22 @@ def test_reward_model_on_cuda_compiled_evaluates_and_resumes_after_kill_9(setup,
     model = {"builder": "reward_head", "init_from": str(setup["sft"]), "head_std": 0.02}
     assert_compiled_runs_evaluate_and_resume(
         lambda n, **train: pair_run(setup, tmp_path, n, model, {"name": "reward_bt"}, **train), 16, 5)
+
+
+def test_looped_pairs_reject_the_answer_collapsing_into_a_loop():
+    """The demo's pairs (profiles/demo.yaml, `rejected: looped`): every chatterbot answer against itself
+    collapsing into one repeated character; preference files keep their own rejected replies."""
+    from pydantic import ValidationError
+
+    from tasks.train.settings import PreferenceData
+
+    assert looped("我梦想我会变得富有") == "我梦想想想想想想想" and looped("好的") == "好好"
+    convs = chatterbot_conversations()
+    pairs = looped_pairs(convs)
+    assert len(convs) - 10 < len(pairs) <= len(convs)  # only one-character answers (no loop to make) drop
+    for p in pairs:
+        keep = len(p.chosen) // 3 or 1
+        assert p.rejected[:keep] == p.chosen[:keep] and set(p.rejected[keep - 1:]) == {p.chosen[keep - 1]}
+        assert len(p.rejected) == len(p.chosen) and p.rejected != p.chosen
+    with pytest.raises(ValidationError, match="format: chatterbot only"):
+        PreferenceData(path="pairs.jsonl", format="preference", rejected="looped")

@@ -243,3 +243,69 @@ def test_benchmark_layouts_shots_and_bad_rows(tmp_path):
     _write_csv(tmp_path / "wrong" / "a.csv", ["Q", "opt1"], [["q", "1"]])
     with pytest.raises(BenchmarkError, match="lacks"):
         load_benchmark("wrong", str(tmp_path / "wrong"))
+
+
+def test_the_report_shows_what_each_stage_trained_and_judges_replies_to_held_out_questions(up):
+    """A real sft stage on chatterbot's Q/A from the trained pretrain fixture, then eval: the table of
+    what each stage trained carries sft's own held-out numbers and pretrain's bits per byte against a
+    uniform guess; every chat model answers the conversations sft held out (heldout.jsonl), in order,
+    and the report prints the first of them with the repetition measures."""
+    import math
+
+    from tasks.training_gains import reply_quality
+
+    sft_settings = {"data": [{"package": "chatterbot_corpus", "path": "data/chinese/*.yml", "format": "chatterbot"}],
+                    "seq_len": 64, "global_batch": 8, "micro_batch": 8, "steps": 12, "lr": 3e-3, "warmup_steps": 2,
+                    "log_every": 4, "threads": 2}
+    profile = up.profile(sft=sft_settings, eval={"val_tokens": PRETRAIN["eval_tokens"], "prompts": [],
+                                                 "max_new_tokens": 16, "heldout_questions": 6, "replies_shown": 2})
+    sft = run_stage(all_stages()["sft"], profile, {"tokenizer": up.tokenizer, "pretrain": up.pretrain}, up.store)
+    held = [json.loads(line) for line in
+            Path(up.store.local_path(sft, "heldout.jsonl")).read_text(encoding="utf-8").splitlines()]
+    assert len(held) == sft.counts["val"] >= 6
+
+    manifest = run_stage(all_stages()["eval"], profile, up.models(sft=sft), up.store)
+    gains = {g["stage"]: g for g in manifest.extra["gains"]}
+    assert list(gains) == ["pretrain", "sft"]  # the other stages here are random-weight fixtures with no record
+    assert (gains["sft"]["before"], gains["sft"]["after"]) == (sft.extra["heldout_loss_before"],
+                                                               sft.extra["heldout_loss_after"])
+    assert gains["sft"]["improved"] and gains["sft"]["after"] < gains["sft"]["before"]
+    pretrain = manifest.extra["models"][0]
+    assert gains["pretrain"]["after"] == pretrain["val_bpb"]
+    assert gains["pretrain"]["before"] == pytest.approx(math.log(2048) / math.log(2) * pretrain["val_bpb"]
+                                                        / (pretrain["val_loss"] / math.log(2)))
+    assert gains["pretrain"]["improved"]
+
+    art = Path(up.store.local_path(manifest, "report.md")).parent
+    results = {r["model"]: r for r in json.loads((art / "results.json").read_text(encoding="utf-8"))}
+    chat = [m for m, kind in MODEL_STAGES.items() if kind == "chat"]
+    for m in chat:
+        replies = results[m]["replies"]
+        assert [r["question"] for r in replies] == [c[0]["content"] for c in held[:6]]
+        assert [r["reference"] for r in replies] == [c[1]["content"] for c in held[:6]]
+    assert "replies" not in results["pretrain"] or not results["pretrain"]["replies"]  # a base model is not asked
+    models = {m["model"]: m for m in manifest.extra["models"]}
+    assert set(models["sft"]["reply_quality"]) >= {"longest_run", "distinct_2", "degenerate", "ok"}
+
+    report = (art / "report.md").read_text(encoding="utf-8")
+    assert "## what each stage trained" in report and "| sft | answer as the assistant |" in report
+    assert "## replies to held-out questions" in report
+    for c in held[:2]:
+        assert f"| {c[0]['content']} | {c[1]['content']} | sft |" in report
+    assert f"| {held[2][0]['content']} |" not in report  # replies_shown 2
+    assert reply_quality([]) == {"replies": 0, "longest_run": 0, "degenerate": 0, "distinct_2": None, "empty": 0,
+                                 "ok": False}
+
+
+def test_degenerate_repetition_misses_the_reply_bar():
+    """The bar of issue 18: no token 4+ times in a row, distinct-2 >= 0.6 over the sample."""
+    from tasks.training_gains import longest_run, reply_quality
+
+    assert longest_run([7, 7, 7, 2, 7, 7]) == 3 and longest_run([5]) == 1 and longest_run([]) == 0
+    varied = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 1, 2]]  # bigrams: 3 + 2 + 3, (1, 2) twice -> 7 / 8
+    assert reply_quality(varied) == {"replies": 3, "longest_run": 1, "degenerate": 0, "distinct_2": 7 / 8,
+                                     "empty": 0, "ok": True}
+    looping = varied + [[3, 9, 9, 9, 9]]  # "我我我我": one reply with a run of 4 misses the bar
+    assert reply_quality(looping)["degenerate"] == 1 and not reply_quality(looping)["ok"]
+    alike = [[1, 2, 3, 1, 2]] * 4  # the same answer to every question: distinct-2 3/16
+    assert reply_quality(alike)["distinct_2"] == 3 / 16 and not reply_quality(alike)["ok"]

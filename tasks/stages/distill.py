@@ -43,7 +43,7 @@ from tasks.train.settings import ChatSettings, ModelShape
 from tasks.train.stage import engine_spec, export, keyed_config, load_tokenizer, model_section, run_training
 from tasks.train.teacher import DistillError, hf_digest, read_chats, teacher_dir, with_sft_data
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: heldout.jsonl
 
 
 class DistillSettings(ChatSettings):

@@ -25,7 +25,7 @@ from storage.errors import SlmError
 from tasks.registry import Stage, StageResult
 from tasks.train.settings import TrainSettings
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: heldout.jsonl
 
 
 class DistillSftError(SlmError):

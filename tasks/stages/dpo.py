@@ -7,16 +7,20 @@ Reads   the sft stage's hf/ model (or any Qwen2/Qwen3 HF directory named by `ini
           preference  records with chosen / rejected as strings or message objects
                       (tasks/chat_data.py: ShareGPT / OpenAI / Alpaca / plain prompts)
           chatterbot  Q/A conversations made into pairs: chosen = the real answer, rejected =
-                      the last answer of another conversation (a seeded shuffle). This is how
-                      the demo gets honest pairs from real data shipped in a package: the
-                      rejected reply is a real, fluent answer that does not answer the question.
+                      made (the entry's `rejected`): "another_answer", the last answer of another
+                      conversation (a seeded shuffle): fluent, but not an answer to the question;
+                      or "looped", the real answer collapsing into one repeated character. The
+                      demo uses "looped": a 1M-parameter model cannot learn from 400 pairs which
+                      answer fits an unseen question (held-out accuracy stayed at chance), but it
+                      does learn to disprefer its own failure mode.
 Writes  hf/, checkpoint/ (as sft); pairs/train.npz, pairs/val.npz: the tokenized pairs with the
         reference model's sequence log-probs (computed once, before training, kept with the
         stage: a resumed run reads them instead of recomputing); quarantine.jsonl.
         manifest: counts (pairs, truncations), dropped by reason, and on the held-out pairs
         before (the reference) and after training:
           reward_accuracy / reward_margin   DPO's implicit reward, beta * (log pi - log ref),
-                                            chosen minus rejected (0 / 0.0 for the reference)
+                                            chosen minus rejected; accuracy counts ties half
+                                            (0.5 / 0.0 for the reference)
           logp_accuracy / logp_margin       share of pairs where the model gives the chosen
                                             reply the higher log-prob, mean log-prob gap
 Rows    prompt + reply rendered by the chat template, one pair per row pair, right-padded to
@@ -43,7 +47,7 @@ from tasks.train.preference import preference_dropped, preference_inputs
 from tasks.train.settings import PreferenceData, TrainSettings
 from tasks.train.stage import engine_spec, export, held_out, keyed_config, model_section, run_training
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: held-out reward accuracy counts ties half (the reference scores 0.5)
 
 
 class DpoError(SlmError):

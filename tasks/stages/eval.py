@@ -65,11 +65,14 @@ from tasks.benchmarks import (
     write_tasks,
 )
 from tasks.registry import Stage, StageResult
+from tasks.training_gains import MAX_RUN, MIN_DISTINCT_2, reply_quality, stage_gains
 
-STAGE_VERSION = 2  # 2: benchmarks scored through lm-eval (same prompts and numbers; no shot dropping)
+STAGE_VERSION = 3  # 2: benchmarks scored through lm-eval; 3: what each stage trained, replies to held-out questions
 # Every stage that makes a model, in pipeline order, and how its generations are prompted: "base"
 # continues the prompt, "chat" answers it as a user turn through the chat template. A new model
 # stage (distill, ...) joins here; export takes the last one.
+# The stages whose own held-out measures make the report's "what each stage trained" table.
+TRAINING_STAGES = ("sft", "dpo", "reward", "ppo", "grpo", "distill", "distill_sft")
 MODEL_STAGES = {"pretrain": "base", "sft": "chat", "dpo": "chat", "ppo": "chat", "grpo": "chat", "distill": "chat", "distill_sft": "chat"}
 DEFAULT_PROMPTS = (
     "中国的首都是",
@@ -96,6 +99,10 @@ class EvalSettings(Strict):
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = Field(48, ge=1)
     repetition_penalty: float = Field(1.2, ge=1.0)  # greedy decoding of small models loops without it
+    # Replies to the conversations sft held out, judged for repetition (tasks/training_gains.py): how
+    # many are asked (0: none) and how many the report prints. Decoded greedily without a penalty.
+    heldout_questions: int = Field(64, ge=0)
+    replies_shown: int = Field(5, ge=0)
     # runtime knobs: they change speed, not the numbers
     logits_budget: int = Field(32_000_000, ge=100_000, exclude=True)  # logit values per forward batch
     device: str = Field("auto", exclude=True)  # auto: cuda when available, else cpu
@@ -194,6 +201,25 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bo
     return [{"prompt": p, "text": c.text, "finish_reason": c.finish_reason} for p, c in zip(prompts, done)]
 
 
+def opening(conversation: list[dict]) -> tuple[list[dict], str]:
+    """A held-out conversation -> (its messages before the first assistant turn, that turn's text)."""
+    first = next(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    return conversation[:first], conversation[first]["content"]
+
+
+def answer(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, device) -> list[dict]:
+    """Plain greedy replies (no repetition penalty: what the model does on its own) to the opening
+    of each held-out conversation: {question, reference, reply, ids, finish_reason}."""
+    from model.generate import Engine, SamplingParams
+
+    engine = Engine(model, tokenizer, device=device, dtype=next(model.parameters()).dtype)
+    openings = [opening(c) for c in conversations]
+    done = engine.generate([engine.chat_prompt(messages) for messages, _ in openings],
+                           SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    return [{"question": messages[-1]["content"], "reference": reference, "reply": c.text, "ids": c.token_ids,
+             "finish_reason": c.finish_reason} for (messages, reference), c in zip(openings, done)]
+
+
 # --------------------------------------------------------------------------- one model, all measures
 
 
@@ -210,10 +236,11 @@ def lm_eval_model(model, mcfg, path: Path, hf_tok, max_len: int, cfg: EvalConfig
 
 
 def evaluate_model(name: str, path: Path, cfg: EvalConfig, benches: list[Benchmark], tasks: dict, rows_for,
-                   device, chat: bool = False, named: dict | None = None) -> dict:
+                   device, chat: bool = False, named: dict | None = None, questions: list | None = None) -> dict:
     """Every measure for one HF directory. tasks: (bench name, k) -> task names from write_tasks, and
     "loaded" -> load_tasks of all of them; named: load_tasks of cfg.lm_eval_tasks (None: none);
-    rows_for(seq_len) -> ValidationRows or None."""
+    rows_for(seq_len) -> ValidationRows or None; questions: held-out conversations a chat model
+    answers (`answer`), judged by tasks/training_gains.py reply_quality."""
     from transformers import AutoTokenizer
 
     from tasks.train.heldout import heldout_loss
@@ -238,6 +265,9 @@ def evaluate_model(name: str, path: Path, cfg: EvalConfig, benches: list[Benchma
     if cfg.prompts:
         result["generations"] = generate(model, hf_tok, cfg.prompts, cfg.max_new_tokens, chat, device,
                                          cfg.repetition_penalty)
+    if chat and questions:
+        result["replies"] = answer(model, hf_tok, questions, cfg.max_new_tokens, device)
+        result["reply_quality"] = reply_quality([r["ids"] for r in result["replies"]])
     return result
 
 
@@ -252,7 +282,53 @@ def _num(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def report_md(results: list[dict], benches: list[Benchmark], cfg: EvalConfig, plots: list[str]) -> str:
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ⏎ ")
+
+
+def gains_md(gains: list[dict]) -> list[str]:
+    """The table of what each training stage trained, before and after, on its own held-out data."""
+    if not gains:
+        return []
+    lines = ["", "## what each stage trained", "",
+             "Each training stage measured on held-out data of its own kind, before it trained (its starting "
+             "model) and after (tasks/training_gains.py).", "",
+             "| stage | trains the model to | measured | before | after | better |", "|---|---|---|---:|---:|---|"]
+    for g in gains:
+        arrow = "higher" if g["higher_is_better"] else "lower"
+        lines.append(f"| {g['stage']} | {g['trains']} | {g['measure']} ({arrow} is better) | {g['before']:.3f} | "
+                     f"{g['after']:.3f} | {'yes' if g['improved'] else '**no**'} |")
+    return lines
+
+
+def replies_md(results: list[dict], shown: int) -> list[str]:
+    """Reply quality of every chat model on the held-out questions, and `shown` of the replies."""
+    chat = [r for r in results if r.get("replies")]
+    if not chat:
+        return []
+    n = len(chat[0]["replies"])
+    lines = ["", "## replies to held-out questions", "",
+             f"Each chat model answers the opening of {n} conversations that sft held out, greedily (no repetition "
+             f"penalty). Bar: no token more than {MAX_RUN} times in a row, and distinct-2 (distinct token bigrams / "
+             f"all bigrams of the sample) at least {MIN_DISTINCT_2}.", "",
+             "| model | replies | longest run of one token | replies with a run > 3 | distinct-2 | mean reply tokens | bar |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in chat:
+        q = r["reply_quality"]
+        mean = sum(len(x["ids"]) for x in r["replies"]) / max(1, len(r["replies"]))
+        lines.append(f"| {r['model']} | {q['replies']} | {q['longest_run']} | {q['degenerate']} | "
+                     f"{_num(q['distinct_2'], 2)} | {mean:.1f} | {'met' if q['ok'] else '**missed**'} |")
+    if shown:
+        lines += ["", "| question | reference | model | reply |", "|---|---|---|---|"]
+        for i in range(min(shown, n)):
+            for r in chat:
+                x = r["replies"][i]
+                lines.append(f"| {_cell(x['question'])} | {_cell(x['reference'])} | {r['model']} | {_cell(x['reply'])} |")
+    return lines
+
+
+def report_md(results: list[dict], benches: list[Benchmark], cfg: EvalConfig, plots: list[str],
+              gains: list[dict] | None = None) -> str:
     columns = [(b.name, str(k)) for b in benches for k in cfg.shots]
     named = [(t, m) for t in cfg.lm_eval_tasks for m in (results[0].get("tasks", {}).get(t) or {}) if results]
     head = "| model | params | val loss | val bpb | val ppl |" + "".join(f" {b} {k}-shot |" for b, k in columns)
@@ -288,14 +364,14 @@ def report_md(results: list[dict], benches: list[Benchmark], cfg: EvalConfig, pl
                  for m, k, r in runs if r["truncated"]]
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
+    lines += gains_md(gains or []) + replies_md(results, cfg.replies_shown)
     gens = [(r["model"], g) for r in results for g in r.get("generations", [])]
     if gens:
         lines += ["", "## generations", "", f"Greedy (repetition penalty {cfg.repetition_penalty}), at most "
                   f"{cfg.max_new_tokens} new tokens; base models continue the prompt, chat models answer it.", "",
                   "| model | prompt | continuation |", "|---|---|---|"]
         for m, g in gens:
-            text = g["text"].replace("|", "\\|").replace("\n", " ⏎ ")
-            lines.append(f"| {m} | {g['prompt']} | {text} |")
+            lines.append(f"| {m} | {g['prompt']} | {_cell(g['text'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -366,6 +442,9 @@ def metrics_of(result: dict) -> dict[str, float]:
             values.update({f"{prefix}.subject.{s}": a for s, a in r["subjects"].items()})
     for task, metrics in result.get("tasks", {}).items():
         values.update({f"{name}.{task}.{m}": v for m, v in metrics.items()})
+    quality = result.get("reply_quality") or {}
+    values.update({f"{name}.replies.{k}": float(quality[k]) for k in ("longest_run", "distinct_2")
+                   if quality.get(k) is not None})
     return values
 
 
@@ -388,6 +467,7 @@ def run(cfg: EvalConfig, inputs: dict, out) -> StageResult:
             cache[seq_len] = heldout_rows(shard_m, out, seq_len, cfg.val_tokens, tokenizer_json)
         return cache[seq_len]
 
+    questions = heldout_questions(inputs["sft"], out, cfg.heldout_questions)
     results = []
     with tempfile.TemporaryDirectory(prefix="slm-eval-tasks-") as work:  # task files + datasets' cache
         tasks = benchmark_tasks(benches, cfg.shots, Path(work))
@@ -396,12 +476,33 @@ def run(cfg: EvalConfig, inputs: dict, out) -> StageResult:
             manifest = inputs[stage]
             print(f"eval: {stage} ({manifest.key[:16]})", flush=True)
             results.append(evaluate_model(stage, stage_model_dir(manifest, out), cfg, benches, tasks, rows_for,
-                                          device, chat=MODEL_STAGES[stage] == "chat", named=named))
-    return finish(out.path, cfg, benches, results, out)
+                                          device, chat=MODEL_STAGES[stage] == "chat", named=named,
+                                          questions=questions))
+    pretrain = next((r for r in results if r["model"] == "pretrain"), None)
+    gains = stage_gains({s: inputs[s] for s in TRAINING_STAGES if s in inputs}, pretrain,
+                        int(shard_m.extra["vocab_size"]))
+    return finish(out.path, cfg, benches, results, out, gains)
 
 
-def finish(out_dir: Path, cfg: EvalConfig, benches: list[Benchmark], results: list[dict], out=None) -> StageResult:
-    """Write the report, plots, results and predictions for evaluated models; log them if `out` is an ArtifactDir."""
+def heldout_questions(sft_m, out, limit: int) -> list[list[dict]]:
+    """The first `limit` conversations sft held out (its heldout.jsonl) that open with a user turn
+    answered by the assistant; [] when the sft artifact has none (an older one, or nothing held out)."""
+    name = sft_m.extra.get("heldout")
+    if not name or not limit:
+        return []
+    convs = []
+    for line in out.local_input(sft_m, name).read_text(encoding="utf-8").splitlines():
+        messages = json.loads(line)
+        roles = [m["role"] for m in messages]
+        if "assistant" in roles and "user" in roles[:roles.index("assistant")]:
+            convs.append(messages)
+    return convs[:limit]
+
+
+def finish(out_dir: Path, cfg: EvalConfig, benches: list[Benchmark], results: list[dict], out=None,
+           gains: list[dict] | None = None) -> StageResult:
+    """Write the report, plots, results and predictions for evaluated models; log them if `out` is an
+    ArtifactDir. gains: stage_gains rows (tasks/training_gains.py) for the report's training table."""
     plots = ["compare.png"]
     plot_compare(results, benches, cfg, out_dir / "compare.png")
     for b in benches:
@@ -410,17 +511,20 @@ def finish(out_dir: Path, cfg: EvalConfig, benches: list[Benchmark], results: li
     for r in results:
         if r["benchmarks"]:
             write_predictions(out_dir, r)
-    slim = [{**r, "benchmarks": {b: {k: {x: v for x, v in s.items() if x != "predictions"} for k, s in by_k.items()}
+    slim = [{**{k: v for k, v in r.items() if k != "replies"},
+             "replies": [{k: v for k, v in x.items() if k != "ids"} for x in r.get("replies", [])], "benchmarks": {b: {k: {x: v for x, v in s.items() if x != "predictions"} for k, s in by_k.items()}
                                  for b, by_k in r["benchmarks"].items()}} for r in results]
     (out_dir / "results.json").write_text(json.dumps(slim, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as fh:
         for r in results:
             for g in r.get("generations", []):
                 fh.write(json.dumps({"model": r["model"], **g}, ensure_ascii=False) + "\n")
-    (out_dir / "report.md").write_text(report_md(results, benches, cfg, plots), encoding="utf-8")
+    (out_dir / "report.md").write_text(report_md(results, benches, cfg, plots, gains), encoding="utf-8")
     if out is not None:
         for r in results:
             out.log_metrics(metrics_of(r))
+        for g in gains or []:
+            out.log_metrics({f"{g['stage']}.trained.before": g["before"], f"{g['stage']}.trained.after": g["after"]})
         publish_table("eval", [{"model": r["model"], "params": r["params"],
                                 **{k: r.get(k) for k in ("val_loss", "val_bpb", "val_ppl")},
                                 **{f"{b} {k}-shot acc": s["acc"] for b, by_k in r["benchmarks"].items()
@@ -437,7 +541,8 @@ def finish(out_dir: Path, cfg: EvalConfig, benches: list[Benchmark], results: li
                 "questions": sum(len(b.questions) for b in benches), "prompts": len(cfg.prompts)},
         dropped={f"{b.name}.{reason}": n for b in benches for reason, n in b.dropped.items()},
         summary=f"{len(results)} model(s); " + "; ".join(parts),
-        extra={"models": [{k: v for k, v in r.items() if k not in ("benchmarks", "generations")}
+        extra={"gains": gains or [],
+               "models": [{k: v for k, v in r.items() if k not in ("benchmarks", "generations", "replies")}
                           | {"benchmarks": {b: {k: {"acc": s["acc"], "subject_avg": s["subject_avg"],
                                                     "questions": s["questions"]} for k, s in by_k.items()}
                                             for b, by_k in r["benchmarks"].items()}}
@@ -450,7 +555,7 @@ def finish(out_dir: Path, cfg: EvalConfig, benches: list[Benchmark], results: li
 STAGE = Stage(
     name="eval",
     version=STAGE_VERSION,
-    upstream=(*MODEL_STAGES, "tokenizer", "shard"),
+    upstream=(*MODEL_STAGES, "reward", "tokenizer", "shard"),
     settings=EvalSettings,
     config=config,
     run=run,

@@ -12,6 +12,7 @@ Reads   the model: the pretrain stage's hf/ directory, or any Qwen2/Qwen3 HF dir
 Writes  hf/          the fine-tuned model + tokenizer files (model/hf.py format)
         checkpoint/  the final engine checkpoint
         quarantine.jsonl  records that could not become conversations, with reasons
+        heldout.jsonl     the held-out conversations (messages), which eval's chat replies answer
         manifest     counts (conversations, train/val, tokens, learnt tokens, truncations),
                      dropped by reason, held-out assistant loss before and after training.
 Data    conversations are split into train / held-out by a fixed hash of their position
@@ -39,7 +40,7 @@ from tasks.registry import Stage, StageResult
 from tasks.train.settings import ChatSettings
 from tasks.train.stage import data_files, keyed_config, model_dir, tokenizer_dir
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: heldout.jsonl (the held-out conversations, for eval's replies)
 
 
 class SftError(SlmError):

@@ -5,6 +5,7 @@ before and after.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,18 @@ def prepare(convs: list[list[dict]], tok, seq_len: int, val_fraction: float, see
     return train, val, stats
 
 
+HELDOUT_FILE = "heldout.jsonl"  # the held-out conversations, one JSON list of messages per line
+
+
+def write_heldout(path: Path, convs: list[list[dict]], held) -> None:
+    """The conversations the stage held out (its validation split), as messages: what the eval stage
+    asks its chat models (questions none of them trained on when later stages split the same data)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for messages, is_held in zip(convs, held):
+            if is_held:
+                fh.write(json.dumps(messages, ensure_ascii=False) + "\n")
+
+
 @dataclass
 class ChatSet:
     """Conversations made ready for the engine by `prepare_chats`."""
@@ -41,12 +54,13 @@ class ChatSet:
 
 def prepare_chats(cfg, convs: list[list[dict]], bad: list[dict], tok, out,
                   token_weights: dict[int, float] | None = None, error=TrainStageError) -> ChatSet:
-    """`bad` records to quarantine.jsonl; conversations tokenized by the chat template, split
+    """`bad` records to quarantine.jsonl, the held-out conversations to heldout.jsonl; conversations tokenized by the chat template, split
     (held-out share `val_fraction`), cut to seq_len + 1 (`prepare`) and saved for the engine under
     out.scratch/engine. Fails when nothing is left to train on. Shared by sft, distill_sft and distill."""
     write_quarantine(out.path / "quarantine.jsonl", bad)
     if not convs:
         raise error(f"no conversation in the data ({len(bad)} records quarantined: see quarantine.jsonl)")
+    write_heldout(out.path / HELDOUT_FILE, convs, held_out(len(convs), cfg.val_fraction, cfg.seed))
     train_docs, val_docs, stats = prepare(convs, tok, cfg.seq_len, cfg.val_fraction, cfg.seed)
     if not train_docs:
         raise error(f"every conversation was held out or too long for seq_len {cfg.seq_len}")
@@ -90,6 +104,7 @@ def fine_tune(cfg, convs: list[list[dict]], bad: list[dict], init_dir: Path, tok
         dropped=dropped,
         summary=summary,
         extra={"hf_dir": "hf", "checkpoint": "checkpoint", "init_from": cfg.init_from or "pretrain",
-               "heldout_loss_before": before, "heldout_loss_after": after, "resumed_from": resumed,
+               "heldout_loss_before": before, "heldout_loss_after": after, "heldout": HELDOUT_FILE,
+               "resumed_from": resumed,
                "final_val": next((r for r in reversed(records) if r.get("kind") == "eval"), {}).get("val_loss")},
     )

@@ -65,7 +65,8 @@ def preference_metrics(model, arrays: dict[str, np.ndarray], beta: float) -> dic
     """Held-out preference metrics of `model` (see the module docstring); arrays hold ref_* log-probs."""
     c, r = sequence_logps_np(model, arrays)
     reward = beta * ((c - arrays["ref_chosen"]) - (r - arrays["ref_rejected"]))
-    return {"reward_accuracy": float((reward > 0).mean()), "reward_margin": float(reward.mean()),
+    # ties count half: the reference itself (every reward 0) scores chance, 0.5, not 0
+    return {"reward_accuracy": float((reward > 0).mean() + 0.5 * (reward == 0).mean()), "reward_margin": float(reward.mean()),
             "logp_accuracy": float((c > r).mean()), "logp_margin": float((c - r).mean())}
 
 

@@ -1,5 +1,5 @@
 """What a preference stage (dpo, reward) starts from: its pairs read from `data:` (preference
-files, or chat files turned into mismatched pairs), the quarantine, the model and its tokenizer;
+files, or chat files turned into pairs with a made rejected reply), the quarantine, the model and its tokenizer;
 and the `dropped` counts of its manifest.
 """
 from __future__ import annotations
@@ -27,6 +27,25 @@ def mismatched_pairs(convs: list[list[dict]], seed: int):
     return pairs
 
 
+def looped(reply: str) -> str:
+    """The reply collapsing into a loop: its first third kept, then the last kept character repeated
+    to the reply's length ("我梦想我会变得富有" -> "我梦想想想想想想想")."""
+    keep = max(1, len(reply) // 3)
+    return reply[:keep] + reply[keep - 1] * (len(reply) - keep)
+
+
+def looped_pairs(convs: list[list[dict]]):
+    """Conversations -> PreferencePairs: chosen = its own last reply, rejected = `looped(chosen)`.
+    A preference a small model can learn from a few hundred pairs and carry to unseen questions
+    (a mismatched answer can only be told apart by understanding the question)."""
+    pairs = []
+    for conv in convs:
+        chosen = conv[-1]["content"]
+        if looped(chosen) != chosen:
+            pairs.append(PreferencePair(conv[:-1], chosen, looped(chosen)))
+    return pairs
+
+
 def read_pairs(cfg, stage: str = "dpo") -> tuple[list, list[dict]]:
     """The pairs of cfg.data (any config with `data` and `seed`; `stage` names it in errors) + quarantine."""
     pairs, bad = [], []
@@ -36,7 +55,7 @@ def read_pairs(cfg, stage: str = "dpo") -> tuple[list, list[dict]]:
             p, b = load_pairs(files)
         else:
             convs, b = load_conversations([(f, "chatterbot") for f in files])
-            p = mismatched_pairs(convs, cfg.seed)
+            p = looped_pairs(convs) if entry.rejected == "looped" else mismatched_pairs(convs, cfg.seed)
         pairs += p
         bad += b
     return pairs, bad

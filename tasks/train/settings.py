@@ -96,6 +96,17 @@ class PreferenceData(Strict):
     path: str
     package: str | None = None
     format: Literal["preference", "chatterbot"]
+    # chatterbot conversations carry no rejected reply; it is made (tasks/train/preference.py):
+    # "another_answer" takes another conversation's reply, "looped" the chosen reply collapsing into
+    # one repeated character, the failure of a small model's greedy decoding.
+    rejected: Literal["another_answer", "looped"] = "another_answer"
+
+    @model_validator(mode="after")
+    def _rejected_is_made_for_chatterbot_only(self):
+        if self.format == "preference" and self.rejected != "another_answer":
+            raise ValueError("rejected: preference files carry their own rejected replies; it applies to "
+                             "format: chatterbot only")
+        return self
 
 
 class ChatSettings(TrainSettings):

@@ -5,19 +5,25 @@ Reads   the HF directory of each model stage (MODEL_STAGES below: pretrain, sft,
         in its manifest, and the comparison grows a row), the shard stage's validation split, the
         tokenizer stage's tokenizer.json (to count the validation text's UTF-8 bytes), the benchmark
         folders named in `stages.eval.benchmarks` and the lm-eval tasks in `lm_eval_tasks` (from the
-        YAML folders in `lm_eval_include`); none by default.
+        YAML folders in `lm_eval_include`); none by default. The manifests of the training stages
+        (TRAINING_STAGES: their own held-out numbers before and after training), and sft's
+        heldout.jsonl (the conversations it held out).
 Writes  report.md               one table comparing the models (validation loss, bits per byte,
                                 perplexity, benchmark accuracy per shot count, each named lm-eval
-                                task's metrics), per-subject tables, the generations
+                                task's metrics), per-subject tables, what each stage trained
+                                (tasks/training_gains.py), the chat models' greedy replies to sft's
+                                held-out questions with their repetition measures, the generations
         compare.png             the comparison as bar charts; <bench>_subjects.png per benchmark
         results.json            every number of the report
         generations.jsonl       {model, prompt, text, finish_reason} for the fixed prompt set
         predictions/<model>/<bench>-<k>shot.csv   per question: subject, row, answer, prediction and
                                 the log-likelihood of each option
-        manifest extra          per model: val loss / bpb, each benchmark's accuracy, task metrics
+        manifest extra          per model: val loss / bpb, each benchmark's accuracy, task metrics,
+                                reply_quality; gains: the what-each-stage-trained rows
         MLflow                  metrics `<model>.val_loss`, `<model>.val_bpb`,
                                 `<model>.<bench>.<k>shot.acc` (+ `.subject_avg` and one per subject),
-                                `<model>.<task>.<metric>`; report.md, the plots, results.json and
+                                `<model>.<task>.<metric>`, `<model>.replies.{longest_run,distinct_2}`,
+                                `<stage>.trained.{before,after}`; report.md, the plots, results.json and
                                 generations.jsonl as artifacts
 Held-out  the first `val_tokens` tokens of the validation split (whole documents, file order), packed
         into rows of `seq_len` tokens exactly as the training engine's validation does

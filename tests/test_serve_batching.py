@@ -103,6 +103,32 @@ def test_concurrent_requests_are_decoded_together_and_each_gets_its_alone_answer
     assert steps < tokens * 0.75  # fewer forwards than tokens: rows shared them
 
 
+def test_a_client_gone_before_the_first_byte_cancels_its_job(server, reference):
+    """A streaming request whose client closes the connection right after sending it (before reading
+    a byte): its job is cancelled, not decoded to max_tokens for nobody."""
+    import socket
+    from urllib.parse import urlsplit
+
+    prompt = PROMPTS[1]
+    asked = 240 - len(reference.encode(prompt))
+    body = json.dumps({"model": NAME, "prompt": prompt, "stream": True, "max_tokens": asked,
+                       "temperature": 1.0, "seed": 3}).encode()
+    url = urlsplit(server.url)
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    before = metrics(server.url)
+    for _ in range(5):
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            sock.sendall(request)  # and gone: the socket closes here
+    deadline = time.monotonic() + 30
+    while (m := metrics(server.url))["slm_active_requests"] or m["slm_requests_total"] - before["slm_requests_total"] < 5:
+        assert time.monotonic() < deadline, m
+        time.sleep(0.05)
+    generated = m["slm_tokens_total"] - before["slm_tokens_total"]
+    print(f"5 jobs of gone clients generated {generated} tokens (each asked for {asked})")
+    assert generated < asked / 2, (generated, 5 * asked)  # jobs that would each have run up to `asked`
+
+
 def test_streaming_and_cancellation_under_concurrency(server, reference):
     keep = [(PROMPTS[i], dict(REQUESTS[i], max_tokens=30)) for i in (0, 1, 2)]
     wanted = [reference.generate(p, params_of(kw)) for p, kw in keep]

@@ -300,3 +300,46 @@ def test_dedup_killed_in_step_2_resumes_from_its_unit_markers(tmp_path, capfd):
     pairs = pq.read_table(artifact_dir(store, made["dedup"]) / "duplicates.parquet").to_pylist()
     assert [(p["removed_id"], p["kept_id"], p["kind"], p["jaccard_estimate"]) for p in pairs] == expected["removed"]
     assert len(read_docs(store, made["dedup"])) == expected["facts"]["documents"] - len(pairs)
+
+
+@pytest.mark.parametrize("partitions, workers", [(1, 1), (4, 2)])
+def test_components_as_units_label_every_node_with_the_smallest_of_its_component(tmp_path, partitions, workers):
+    """The components phases (no process holds the graph) on graphs harder than dedup's stars:
+    random edges that make one giant component, and a 400-node chain in random order (the case
+    that needs the most rounds), checked against scipy's connected components."""
+    import polars as pl
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from storage.artifacts import ArtifactStore
+    from tasks.corpus import clusters
+    from tasks.corpus.parallel import Unit, run_units
+    from tasks.stages import dedup
+
+    rng = random.Random(partitions)
+    nodes = rng.sample(range(1 << 45), 3000)  # doc ids of several shards
+    edges = {tuple(sorted(rng.sample(nodes, 2))) for _ in range(1800)}
+    chain = rng.sample(nodes, 400)
+    edges |= {tuple(sorted(pair)) for pair in zip(chain, chain[1:])}
+    out = ArtifactStore(str(tmp_path / "store"), tmp_path).begin("dedup", "k" * 64, workers=workers)
+    rel = f"{clusters.FOLDER}/edges/0.arrow"
+    clusters.write_ipc(pl.DataFrame({"a": [a for a, _ in edges], "b": [b for _, b in edges]},
+                                    schema={"a": pl.Int64, "b": pl.Int64}), out.path / rel)
+    base = {"out": str(out.path), "names": [], "partitions": partitions}
+    stars = dedup._star_phases(out, base, [rel], partitions)
+    done = run_units(out, "dedup-labels", [Unit(f"p{p}", {**base, "partition": p, "star_files": dedup._to(stars, p),
+                                                        "exact_files": []}) for p in range(partitions)],
+                     clusters.label_unit, desc="labels")
+    labels = pl.read_ipc([out.path / f for r in done.values() for f in r["files"]])
+    found = dict(zip(labels["node"].to_list(), labels["label"].to_list()))
+
+    ids = sorted({x for pair in edges for x in pair})
+    index = {v: i for i, v in enumerate(ids)}
+    graph = coo_matrix((np.ones(len(edges)), ([index[a] for a, _ in edges], [index[b] for _, b in edges])),
+                       shape=(len(ids), len(ids)))
+    _, component = connected_components(graph, directed=False)
+    smallest: dict[int, int] = {}
+    for v, c in zip(ids, component):
+        smallest[c] = min(smallest.get(c, v), v)
+    assert found == {v: smallest[c] for v, c in zip(ids, component)}
+    assert len(set(found.values())) > 1  # not one component: the labels had to be told apart

@@ -20,19 +20,22 @@ local pool or Ray, with its own resume marker) that reads one partition of every
   verify_unit(q)     pairs of every p for member partition q, duplicates across bands dropped,
                      kept if their signatures agree on >= threshold (rows read with pread
                      from the shards' signature files: Signatures)            -> edges/q (a, b)
-  components()       connected components of the verified edges by min-label propagation (polars
-                     joins; with pointer jumping, so a chain of length L takes ~log L rounds):
-                     every node labelled with the smallest doc id of its component -> labels
-                     (node, label), only for the documents that have an edge.
+  star_unit(p)       one phase of the connected components of the verified edges, for the nodes
+                     of partition p: large-star and small-star steps alternated (the driver
+                     loops until a pair of phases changes nothing; each phase re-partitions the
+                     edges by node)                              -> cc/<phase>/p/<dest> (u, v)
+  label_unit(p)      the stars read off: every node of partition p with the smallest doc id of
+                     its component -> labels/p (node, label), only for documents that have an
+                     edge; and each exact duplicate whose first copy is in p with the document
+                     it finally gives way to                     -> exact-final/p (doc, final)
 
 The kept document of a cluster is its smallest doc id, the first in corpus order: the rule of
 the earlier in-memory step 2 (tests/dedup_reference.py), which gives the same answer.
 
-Memory  exact_unit / bucket_unit / verify_unit: one partition of the rows (~24 bytes per band
-        row, ~bands rows per document) plus, in bucket_unit, the exact-removed doc ids (8 bytes
-        per exact duplicate of the corpus, the anti-join's build side). components(): the
-        verified edges and their nodes (~50 bytes per duplicate), never the other documents.
-        More partitions, smaller units: the memory per worker falls as 1/partitions.
+Memory  every unit: one partition of its rows: band rows (~24 bytes each, ~bands per document),
+        pairs or edges (~16 bytes each, per near duplicate), plus, in bucket_unit, the
+        exact-removed doc ids (8 bytes per exact duplicate of the corpus, the anti-join's build
+        side). No process holds the corpus or all its duplicates; more partitions, smaller units.
 """
 from __future__ import annotations
 
@@ -211,25 +214,83 @@ def verify_unit(args: dict) -> dict:
             "seconds": time.perf_counter() - clock}
 
 
-def components(edge_files: list[Path], max_rounds: int = 200) -> pl.DataFrame:
-    """(node, label): every node of the edge graph with the smallest node of its component.
+def _keyed_to(rows: pl.LazyFrame, p: int, partitions: int) -> pl.LazyFrame:
+    return rows.filter(pl.col("u") % partitions == p)
 
-    Min-label propagation: each round a node takes the smallest label among itself and its
-    neighbours, then the label of its label (pointer jumping). Labels only ever fall and stay
-    within the component, so at the fixed point every node holds its component's minimum."""
-    edges = pl.scan_ipc(edge_files) if edge_files else pl.LazyFrame(schema={"a": pl.Int64, "b": pl.Int64})
-    both = pl.concat([edges.select(node="a", other="b"), edges.select(node="b", other="a")]).collect(engine="streaming")
-    labels = both.select(node="node").unique().with_columns(label=pl.col("node"))
-    for _ in range(max_rounds):
-        lowest = (both.lazy().join(labels.lazy(), left_on="other", right_on="node")
-                  .group_by("node").agg(seen=pl.col("label").min()))
-        stepped = (labels.lazy().join(lowest, on="node", how="left")
-                   .select("node", label=pl.min_horizontal("label", "seen")))
-        jumped = (stepped.join(stepped.select(label="node", via="label"), on="label", how="left")
-                  .select("node", label=pl.min_horizontal("label", "via"))
-                  .collect(engine="streaming"))
-        changed = jumped.join(labels, on="node").filter(pl.col("label") != pl.col("label_right")).height
-        labels = jumped
-        if not changed:
-            return labels.sort("node")
-    raise RuntimeError(f"connected components did not converge in {max_rounds} rounds")
+
+def _write_by_node(out: Path, folder: str, pairs: pl.DataFrame, partitions: int) -> list[str]:
+    """Undirected edges (x, y) as rows (u, v) in both directions, each row in the file of u's
+    partition: what the next phase's unit for that partition reads."""
+    rows = (pl.concat([pairs.select(u="x", v="y"), pairs.select(u="y", v="x")]).unique()
+            .with_columns(dest=pl.col("u") % partitions))
+    files = []
+    for (dest,), part in rows.partition_by("dest", as_dict=True, include_key=False).items():
+        rel = f"{folder}/{dest}.arrow"
+        write_ipc(part.sort("u", "v"), out / rel)
+        files.append(rel)
+    return sorted(files)
+
+
+def star_unit(args: dict) -> dict:
+    """One phase of the connected components, for the nodes of partition p: a large-star or a
+    small-star step (Kiveris et al. 2014, "Connected Components in MapReduce and Beyond").
+
+    Each node u sees its neighbours N(u) (the rows (u, v) of its partition):
+      large  m = min(N(u) + u); every larger neighbour v > u is re-attached to m: edge (v, m)
+      small  m = min of the smaller neighbours and u; each of them (and u) is attached to m
+    Both keep every component connected and never join two. Alternated, they reach stars whose
+    centre is the component's smallest node: then neither changes anything. `changes` counts the
+    nodes where this step can still change the graph (large: a node with both a smaller and a
+    larger neighbour; small: a node with two or more smaller neighbours); 0 in a large and the
+    small step after it means stars.
+
+    Reads the phase's rows keyed to p (the first phase: the verified edges (a, b), both ways);
+    writes the new edges keyed by node partition: <folder>/<dest>.arrow. Memory: the rows of
+    one partition."""
+    clock = time.perf_counter()
+    out, p, partitions = Path(args["out"]), args["partition"], args["partitions"]
+    files = [out / rel for rel in args["inputs"]]
+    if args["first"]:
+        edges = pl.scan_ipc(files) if files else pl.LazyFrame(schema={"a": pl.Int64, "b": pl.Int64})
+        rows = pl.concat([edges.select(u="a", v="b"), edges.select(u="b", v="a")])
+    else:
+        rows = pl.scan_ipc(files) if files else pl.LazyFrame(schema={"u": pl.Int64, "v": pl.Int64})
+    rows = _keyed_to(rows, p, partitions).unique().collect(engine="streaming")
+    if args["step"] == "large":
+        per_node = rows.group_by("u").agg(m=pl.min_horizontal(pl.col("v").min(), pl.col("u").first()),
+                                          larger=(pl.col("v") > pl.col("u")).any())
+        changes = per_node.filter((pl.col("m") < pl.col("u")) & pl.col("larger")).height
+        pairs = (rows.filter(pl.col("v") > pl.col("u")).join(per_node.select("u", "m"), on="u")
+                 .select(x="v", y="m"))
+    else:
+        smaller = rows.filter(pl.col("v") < pl.col("u"))
+        per_node = smaller.group_by("u").agg(m=pl.col("v").min(), count=pl.len())
+        changes = per_node.filter(pl.col("count") > 1).height
+        pairs = pl.concat([smaller.join(per_node.select("u", "m"), on="u").select(x="v", y="m"),
+                           per_node.select(x="u", y="m")]).filter(pl.col("x") != pl.col("y"))
+    written = _write_by_node(out, f"{args['folder']}/{p}", pairs, partitions)
+    return {"changes": changes, "rows": rows.height, "files": written, "seconds": time.perf_counter() - clock}
+
+
+def label_unit(args: dict) -> dict:
+    """Partition p once the stars are reached: every node with its component's smallest node
+    (a star's leaf has one neighbour, its centre; a centre has only larger ones) -> labels/p
+    (node, label); and, for the exact duplicates whose first copy `rep` is in partition p, the
+    document each finally gives way to (rep's label, or rep) -> exact-final/p (doc, final).
+    Memory: the rows of one partition and the exact duplicates of its reps."""
+    clock = time.perf_counter()
+    out, p, partitions = Path(args["out"]), args["partition"], args["partitions"]
+    files = [out / rel for rel in args["star_files"]]
+    rows = pl.scan_ipc(files) if files else pl.LazyFrame(schema={"u": pl.Int64, "v": pl.Int64})
+    labels = (_keyed_to(rows, p, partitions).group_by("u")
+              .agg(label=pl.min_horizontal(pl.col("v").min(), pl.col("u").first()))
+              .select(node="u", label="label").sort("node").collect(engine="streaming"))
+    written = [f"{FOLDER}/labels/{p}.arrow"]
+    write_ipc(labels, out / written[0])
+    if args["exact_files"]:
+        final = (pl.scan_ipc([out / rel for rel in args["exact_files"]]).filter(pl.col("rep") % partitions == p)
+                 .join(labels.lazy(), left_on="rep", right_on="node", how="left")
+                 .select("doc", final=pl.coalesce("label", "rep")).sort("doc").collect(engine="streaming"))
+        written.append(f"{FOLDER}/exact-final/{p}.arrow")
+        write_ipc(final, out / written[1])
+    return {"nodes": labels.height, "files": written, "seconds": time.perf_counter() - clock}

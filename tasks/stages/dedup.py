@@ -18,22 +18,21 @@ How     1. per shard, in runtime.workers processes (or Ray tasks): an exact key 
            equal band (exact duplicates left out) become candidate pairs; per pair partition,
            with `verify` a pair counts only if its signatures agree on >= threshold of their
            values (the MinHash estimate of Jaccard similarity); clusters are the connected
-           components of the verified pairs (min-label propagation over the pair files, in this
-           process: only documents with a pair take part). Then per shard, its decision: which
-           of its documents go and in favour of which. The kept document of a cluster is the
+           components of the verified pairs (rounds of large-star / small-star units over the
+           edges partitioned by node: only documents with a pair take part). Then per shard,
+           its decision: which of its documents go and in favour of which. The kept document of a cluster is the
            first in corpus order: sources in profile order, then files, then records, so a source
            listed first wins (deterministic, whatever the number of workers or partitions).
         3. per shard, in parallel: the kept documents are written; report.png (it needs only
            the counts and length histograms, known after step 2) is drawn on the pool meanwhile.
 Memory  steps 1 and 3: one chunk of documents (~256k characters) per worker, whatever the
         corpus size. Step 2's units: one partition of the band rows (~24 bytes x bands per
-        document / partitions) and the corpus's exact-removed doc ids (8 bytes each); its
-        connected components: ~50 bytes per verified pair, in this process; duplicates.parquet
-        is streamed shard by shard, one row group (up to 1 M rows) held at a time. Signatures
-        stay on disk (only the rows of candidate pairs are read). docs/scale.md has the
-        measured figures.
-Resume  every unit of steps 1, 2 and 3 keeps its marker (tasks/corpus/parallel.py); the
-        components and the summary are kept as one file each.
+        document / partitions) or of the verified pairs, and the corpus's exact-removed doc ids
+        (8 bytes each); duplicates.parquet is streamed shard by shard, one row group (64 Ki
+        rows) held at a time by this process. Signatures stay on disk (only the rows of
+        candidate pairs are read). docs/scale.md has the measured figures.
+Resume  every unit of steps 1, 2 and 3 keeps its marker (tasks/corpus/parallel.py), the
+        components' phases included; the summary is kept as one file.
 """
 from __future__ import annotations
 
@@ -66,7 +65,7 @@ from tasks.corpus.report import finish_stage, plot_run, table, write_run_report
 from tasks.corpus.text import tokenize
 from tasks.registry import Stage, StageResult
 
-STAGE_VERSION = 2  # 2: step 2 hash-partitioned (tasks/corpus/clusters.py); same output as 1
+STAGE_VERSION = 3  # 2: step 2 hash-partitioned (tasks/corpus/clusters.py); 3: components as units, smaller row groups
 SCRATCH = clusters.FOLDER  # "_work/dedup": step 2 (clusters.py) reads the signatures step 1 writes there
 KEPT, EXACT, NEAR = 0, 1, 2
 KINDS = {EXACT: "exact", NEAR: "near"}
@@ -160,22 +159,22 @@ def decide_unit(args: dict) -> dict:
     """Shard s's decision: which of its documents go (exact or near, and in favour of which
     document) and, for the documents it keeps, the size of the cluster each stands for.
 
-    Reads the exact groups and the component labels of the whole corpus lazily (polars keeps only
-    the rows of this shard, and the cluster sizes of its kept documents). Writes decision/<name>.npz
+    Scans the component labels and the exact duplicates' final documents of the whole corpus
+    (polars streams them, keeping only the rows of this shard, and the cluster sizes of its kept
+    documents). Writes decision/<name>.npz
     (kind, cluster_size per row, for step 3), removed/<name>.arrow (this shard's removed documents,
     in order: doc, final, kind, jaccard_estimate, removed_id) and finals/<name>.arrow (the id of
     each of its documents that others were removed for: final, kept_id)."""
     clock = time.perf_counter()
     out, name, shard, n = Path(args["out"]), args["name"], args["shard"], args["rows"]
     folder = out / SCRATCH
-    near = (pl.scan_ipc(folder / "labels.arrow") if args["near"]
-            else pl.LazyFrame(schema={"node": pl.Int64, "label": pl.Int64}))
-    removed = [near.filter(pl.col("node") != pl.col("label"))
-               .select(doc="node", final="label", kind=pl.lit(NEAR, pl.UInt8))]
-    if args["exact_files"]:
-        exact = pl.scan_ipc([out / rel for rel in args["exact_files"]])
-        removed.insert(0, exact.join(near, left_on="rep", right_on="node", how="left")
-                       .select("doc", final=pl.coalesce("label", "rep"), kind=pl.lit(EXACT, pl.UInt8)))
+    removed = [pl.LazyFrame(schema={"doc": pl.Int64, "final": pl.Int64, "kind": pl.UInt8})]
+    if args["label_files"]:
+        removed.append(pl.scan_ipc([out / rel for rel in args["label_files"]]).filter(pl.col("node") != pl.col("label"))
+                       .select(doc="node", final="label", kind=pl.lit(NEAR, pl.UInt8)))
+    if args["exact_final_files"]:
+        removed.append(pl.scan_ipc([out / rel for rel in args["exact_final_files"]])
+                       .select("doc", "final", kind=pl.lit(EXACT, pl.UInt8)))
     everything = pl.concat(removed)
     mine = (everything.filter((pl.col("doc") // (1 << clusters.ROW_BITS)) == shard).sort("doc")
             .collect(engine="streaming"))
@@ -247,6 +246,7 @@ def step2(out, units: list[Unit], signed: dict, s: DedupSettings) -> dict:
                              "exact-in", p, names)}) for p in parts], clusters.exact_unit, desc="dedup exact groups")
         exact_files = [f for r in done.values() for f in r["files"]]
     facts = {"candidate_pairs": 0, "verified_pairs": 0}
+    edge_files: list[str] = []
     if s.near:
         done = run_units(out, "dedup-buckets", [Unit(f"p{p}", {**base, "partition": p, "exact_files": exact_files,
                                                              "inputs": clusters.partition_files("bands-in", p, names)
@@ -262,13 +262,18 @@ def step2(out, units: list[Unit], signed: dict, s: DedupSettings) -> dict:
         done = run_units(out, "dedup-verify", verify, clusters.verify_unit, desc="dedup verify")
         facts["candidate_pairs"] = sum(r["candidate_pairs"] for r in done.values())
         facts["verified_pairs"] = sum(r["verified_pairs"] for r in done.values())
-        labels = out.path / SCRATCH / "labels.arrow"
-        if not labels.exists():
-            clusters.write_ipc(clusters.components([out.path / f for r in done.values() for f in r["files"]]), labels)
-            out.save_progress(f"{SCRATCH}/labels.arrow")
-    shared = ([f"{SCRATCH}/labels.arrow"] if s.near else []) + exact_files + clusters.signature_files(names, ("has", "sig"))
+        edge_files = [f for r in done.values() for f in r["files"]]
+    star_files = _star_phases(out, base, edge_files, s.partitions) if edge_files else []
+    done = run_units(out, "dedup-labels", [Unit(f"p{p}", {**base, "partition": p, "star_files": _to(star_files, p),
+                                                        "exact_files": exact_files,
+                                                        "inputs": _to(star_files, p) + exact_files})
+                                           for p in parts], clusters.label_unit, desc="dedup labels")
+    label_files = [f for r in done.values() for f in r["files"] if "/labels/" in f]
+    exact_final = [f for r in done.values() for f in r["files"] if "/exact-final/" in f]
+    shared = label_files + exact_final + clusters.signature_files(names, ("has", "sig"))
     decide = [Unit(u.name, {**base, "name": u.name, "shard": i, "path": u.args["path"], "rows": signed[u.name]["rows"],
-                            "near": s.near, "exact_files": exact_files, "samples": s.samples, "inputs": shared})
+                            "label_files": label_files, "exact_final_files": exact_final, "samples": s.samples,
+                            "inputs": shared})
               for i, u in enumerate(units)]
     decided = run_units(out, "dedup-decide", decide, decide_unit, desc="dedup decide")
     _write_pairs(out, names)
@@ -283,6 +288,35 @@ def step2(out, units: list[Unit], signed: dict, s: DedupSettings) -> dict:
     hist = np.sum([r["hist"] for r in results], axis=0).astype(int).tolist()
     kept = {"in": total, "out": sum(r["kept"] for r in results), "hist": hist}
     return {"facts": facts, "pairs_sample": _pair_sample(units, results, s.samples), "kept": kept}
+
+
+MAX_STAR_PHASES = 200  # a chain of n nodes takes O(log^2 n) rounds; far more means a bug
+
+
+def _to(files: list[str], p: int) -> list[str]:
+    """The files of one phase destined to partition p (written as .../<dest>.arrow)."""
+    return [f for f in files if f.endswith(f"/{p}.arrow")]
+
+
+def _star_phases(out, base: dict, edge_files: list[str], partitions: int) -> list[str]:
+    """The connected components of the verified edges as rounds of units (tasks/corpus/clusters.py
+    star_unit): large-star and small-star steps alternated until a pair of them changes nothing.
+    Each phase is resumable like any other (dedup-components-<k>); returns the last phase's files."""
+    files = edge_files
+    last_large = None
+    for k in range(MAX_STAR_PHASES):
+        step = "large" if k % 2 == 0 else "small"
+        phase = [Unit(f"p{p}", {**base, "partition": p, "step": step, "first": k == 0, "folder": f"{SCRATCH}/cc/{k}",
+                                "inputs": files if k == 0 else _to(files, p)})
+                 for p in range(partitions)]
+        done = run_units(out, f"dedup-components-{k}", phase, clusters.star_unit, desc=f"dedup components {k}")
+        files = sorted(f for r in done.values() for f in r["files"])
+        changes = sum(r["changes"] for r in done.values())
+        if step == "large":
+            last_large = changes
+        elif last_large == 0 and changes == 0:
+            return files
+    raise DedupError(f"the connected components did not settle in {MAX_STAR_PHASES} phases: a bug, please report it")
 
 
 # --- step 3: write the kept documents ------------------------------------------------------------------
@@ -380,7 +414,7 @@ def _ids(units: list[Unit], docs: list[int], column: str = "id") -> list:
 
 PAIRS_SCHEMA = pa.schema([("removed_id", pa.string()), ("kept_id", pa.string()), ("kind", pa.string()),
                           ("jaccard_estimate", pa.float32())])
-ROW_GROUP = 1024 * 1024  # pq.write_table's default: the file is the same as one write of the whole table
+ROW_GROUP = 64 * 1024  # rows per row group of duplicates.parquet: the writer holds one (~5 MB), whatever the corpus
 
 
 def _write_pairs(out, names: list[str]) -> None:

@@ -125,7 +125,8 @@ def test_corpus_stages_on_two_ray_nodes_write_the_same_files_as_local(tmp_path, 
     scratch = cluster.worker_dir
     assert sorted(p.name for p in (scratch / "work").iterdir()) == ["clean", "dedup", "extract", "normalize", "shard"]
     assert not [p for p in (scratch / "work").rglob("*") if p.is_file()]
-    assert {p.name for p in (scratch / "cache").iterdir()} == {"download", "extract", "normalize", "clean"}
+    assert {p.name for p in (scratch / "cache").iterdir()} == {"download", "extract", "normalize", "clean", "dedup",
+                                                               "tokenizer"}  # shard's pass 1 reads these two
     assert not [k for k in s3.keys("store/") if ".partial/" in k]
 
 

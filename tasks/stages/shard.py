@@ -12,45 +12,48 @@ Split   by document: round(val_fraction * documents) documents (at least one whe
         `val_seed` from the documents' positions, so changing the shuffle `seed` keeps the
         same validation set.
 Shuffle two passes, never holding the corpus in memory:
-        1. tokenize in batches of about `batch_chars` characters (encode_batch_fast runs the
-           batch on all cores in Rust while this thread files the previous batch), and
-           append each document to one of B bucket files (uint16 ids + uint32 lengths),
-           chosen by a seeded hash of its position; B is sized so a bucket is about one shard.
-        2. for each bucket: load it, permute its documents with rng(seed, bucket), cut the
-           permutation into shards of about `shard_mb`, write them.
+        1. one unit per document file (tasks.corpus.parallel: runtime.workers processes, or
+           Ray tasks with runtime.executor ray): tokenize it in batches of about `batch_chars`
+           characters (encode_batch_fast runs a batch on all cores in Rust) and file each
+           document under one of B buckets, chosen by a seeded hash of its corpus position;
+           the unit writes its piece: its documents' ids (uint16) and lengths (uint32) bucket
+           by bucket, with an index of where each bucket starts. B is sized so a bucket is about
+           one shard.
+        2. one unit per bucket: read the bucket's share of every piece, in file order (byte
+           ranges: a unit reads only its bucket, locally or from the store), permute its
+           documents with rng(seed, bucket), cut the permutation into shards of about
+           `shard_mb`, write them.
         A uniform bucket per document followed by a uniform permutation inside each bucket
         gives a uniform permutation of the whole split.
 Determinism the same upstream artifacts and settings give byte-identical shards: bucket
-        choice is a hash of (seed, position), the in-bucket order a seeded permutation,
-        nothing depends on timing, batching or thread count.
-Resume  pass 1 records the bucket files' sizes after each upstream file (`_work/pass1.json`)
-        and a restart truncates them there and goes on with the next file. Pass 2 is one unit
-        of work per bucket (tasks.corpus.parallel: runtime.workers processes, or Ray tasks with
-        runtime.executor ray), resumed bucket by bucket from the units' markers; inside a
-        bucket each shard is written under a temporary name and renamed, so a shard that
-        exists is complete and is skipped (shards are uploaded as progress on remote stores).
-Memory  pass 1: one upstream row group, two batches of encodings in flight (~100 B per
-        token while the Rust encodings live) and `buffer_mb` of bucket buffers; pass 2: one
-        bucket (about one shard) twice over per worker, plus a row group being written.
-        Neither grows with the corpus (benchmarks/shard.py measures it).
-Disk    the bucket files in the scratch folder: 2 bytes per token and 4 per document (an
+        choice is a hash of (seed, position), a bucket is its pieces in file order, the
+        in-bucket order a seeded permutation; nothing depends on timing, batching, workers or
+        the executor.
+Resume  both passes resume unit by unit from their markers (a file tokenized, a bucket
+        written); inside a bucket each shard is written under a temporary name and renamed,
+        so a shard that exists is complete and is skipped (files are uploaded as progress on
+        remote stores).
+Memory  pass 1: one document file's token ids twice over (~4 bytes per token; a file is about
+        stages.extract.shard_mb of text) and one batch of encodings (~100 B per token while
+        the Rust encodings live) per worker; pass 2: one bucket (about one shard) twice over
+        per worker, plus a row group being written; the driver plans pass 2 from the buckets'
+        lengths, one bucket at a time. None grows with the corpus (benchmarks/shard.py).
+Disk    the pieces in the scratch folder: 2 bytes per token and 4 per document (an
         uncompressed copy of the corpus' ids), dropped at commit.
 Fails   when the tokenizer has 65536 tokens or more (uint16 ids; names the setting to fix),
         or when the corpus has no document with text.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Iterator
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -58,14 +61,13 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from profiles.schema import Strict
+from storage.artifacts import SCRATCH
 from storage.errors import SlmError
-from tasks.corpus.documents import iter_batches
-from tasks.progress import Progress
-from tasks.registry import Stage, StageResult
 from tasks.chat_data import EOS
-from tasks.corpus.documents import document_files
+from tasks.corpus.documents import document_files, iter_batches
 from tasks.corpus.parallel import Unit, run_units
 from tasks.corpus.positions import mix64
+from tasks.registry import Stage, StageResult
 
 STAGE_VERSION = 1
 UINT16_LIMIT = 1 << 16
@@ -82,7 +84,6 @@ class ShardSettings(Strict):
     row_group_tokens: int = Field(1 << 18, ge=1024)  # tokens per parquet row group
     # runtime knobs: they change speed and memory, not the shards, so they stay out of the key
     batch_chars: int = Field(1_000_000, ge=1_000, exclude=True)  # characters per encode batch
-    buffer_mb: int = Field(64, ge=1, exclude=True)  # pass-1 bucket buffers, all buckets together
 
 
 class ShardError(SlmError):
@@ -137,38 +138,28 @@ def make_plan(files: list[Path], cfg: ShardSettings, bytes_per_token: float) -> 
     return Plan(list(files), docs, val_positions.astype(np.int64), buckets)
 
 
-# --- pass 1: tokenize into buckets -----------------------------------------------------------
-@dataclass
-class Chunk:
-    file: int  # index into plan.files
-    texts: list[str]
-    positions: np.ndarray  # corpus positions of these documents
-    empty: list[str]  # ids of documents without text, skipped
-    last: bool  # the file's last chunk: once it is filed, the file is done
-
-
-def text_chunks(plan: Plan, start_file: int, batch_chars: int) -> Iterator[Chunk]:
-    """Documents in corpus order from `start_file`, in chunks of about batch_chars characters.
-    Every file ends with a chunk marked `last` (possibly without texts)."""
-    position = sum(pq.ParquetFile(p).metadata.num_rows for p in plan.files[:start_file])
-    for index in range(start_file, len(plan.files)):
-        texts, positions, empty, chars = [], [], [], 0
-        for batch in iter_batches(plan.files[index], columns=["id", "text"]):
-            column = batch.column("text")
-            lengths = pc.fill_null(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False)
-            if (lengths == 0).any():
-                ids = batch.column("id").to_pylist()
-                empty.extend(str(ids[i]) for i in np.flatnonzero(lengths == 0))
-            values = column.to_pylist()
-            for i in np.flatnonzero(lengths):
-                texts.append(values[i])
-                positions.append(position + i)
-                chars += int(lengths[i])
-                if chars >= batch_chars:
-                    yield Chunk(index, texts, np.array(positions, np.int64), empty, False)
-                    texts, positions, empty, chars = [], [], [], 0
-            position += len(batch)
-        yield Chunk(index, texts, np.array(positions, np.int64), empty, True)
+# --- pass 1: tokenize each document file into its share of every bucket (one unit per file) ---
+def text_chunks(path: Path, first_position: int, batch_chars: int) -> Iterator[tuple[list[str], np.ndarray, list[str]]]:
+    """A document file in order, in chunks of about batch_chars characters: (texts, their corpus
+    positions, ids of the documents without text, skipped)."""
+    texts, positions, empty, chars = [], [], [], 0
+    position = first_position
+    for batch in iter_batches(path, columns=["id", "text"]):
+        column = batch.column("text")
+        lengths = pc.fill_null(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False)
+        if (lengths == 0).any():
+            ids = batch.column("id").to_pylist()
+            empty.extend(str(ids[i]) for i in np.flatnonzero(lengths == 0))
+        values = column.to_pylist()
+        for i in np.flatnonzero(lengths):
+            texts.append(values[i])
+            positions.append(position + i)
+            chars += int(lengths[i])
+            if chars >= batch_chars:
+                yield texts, np.array(positions, np.int64), empty
+                texts, positions, empty, chars = [], [], [], 0
+        position += len(batch)
+    yield texts, np.array(positions, np.int64), empty
 
 
 def token_arrays(encodings, eos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,110 +171,90 @@ def token_arrays(encodings, eos: int) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths + 1
 
 
-class Buckets:
-    """B append-only bucket files: `<b>.ids` (uint16 tokens) and `<b>.len` (uint32 lengths).
-
-    Appends are buffered in memory up to `budget` bytes for all buckets together, then
-    written out. `sizes()` after `flush()` is the resume point."""
-
-    def __init__(self, folder: Path, count: int, budget: int):
-        self.folder, self.count, self.budget = folder, count, budget
-        folder.mkdir(parents=True, exist_ok=True)
-        self._ids: dict[int, list[bytes]] = {}
-        self._lens: dict[int, list[bytes]] = {}
-        self._held = 0
-
-    def path(self, bucket: int, kind: str) -> Path:
-        return self.folder / f"{bucket:05d}.{kind}"
-
-    def reset(self, sizes: list[list[int]] | None) -> None:
-        """Cut every file back to `sizes` (a resume point), or empty them all (None)."""
-        for b in range(self.count):
-            for k, kind in enumerate(("ids", "len")):
-                with open(self.path(b, kind), "ab") as handle:
-                    handle.truncate(sizes[b][k] if sizes else 0)
-
-    def add(self, flat: np.ndarray, lengths: np.ndarray, buckets: np.ndarray) -> None:
-        """File each document (its slice of `flat`) under its bucket, keeping corpus order."""
-        order = np.argsort(buckets, kind="stable")
-        lens = lengths[order]
-        ends = np.cumsum(lengths)
-        starts = (ends - lengths)[order]
-        gathered = flat[np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))]
-        docs_per = np.bincount(buckets, minlength=self.count)
-        tokens_per = np.bincount(buckets, weights=lengths, minlength=self.count).astype(np.int64)
-        d = t = 0
-        for b in np.flatnonzero(docs_per):
-            n_docs, n_tok = int(docs_per[b]), int(tokens_per[b])
-            self._ids.setdefault(int(b), []).append(gathered[t:t + n_tok].tobytes())
-            self._lens.setdefault(int(b), []).append(lens[d:d + n_docs].astype(np.uint32).tobytes())
-            self._held += 2 * n_tok + 4 * n_docs
-            d, t = d + n_docs, t + n_tok
-        if self._held >= self.budget:
-            self.flush()
-
-    def flush(self) -> None:
-        for store, kind in ((self._ids, "ids"), (self._lens, "len")):
-            for b, parts in store.items():
-                with open(self.path(b, kind), "ab") as handle:
-                    handle.write(b"".join(parts))
-            store.clear()
-        self._held = 0
-
-    def sizes(self) -> list[list[int]]:
-        return [[self.path(b, "ids").stat().st_size, self.path(b, "len").stat().st_size] for b in range(self.count)]
+def by_bucket(flat: np.ndarray, lengths: np.ndarray, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The documents (slices of `flat`) reordered bucket by bucket, each bucket's in their order
+    (a stable sort): (ids, lengths) in that order."""
+    order = np.argsort(buckets, kind="stable")
+    lens = lengths[order]
+    starts = (np.cumsum(lengths) - lengths)[order]
+    return flat[np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))], lens
 
 
-def _save_json(path: Path, value: dict) -> None:
+def _write_array(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value), encoding="utf-8")
+    array.tofile(tmp)
     os.replace(tmp, path)
 
 
-def pass_one(plan: Plan, cfg: ShardSettings, tok, eos: int, work: Path) -> dict:
-    """Tokenize every document into its bucket. Returns the pass's counts (kept for a resume)."""
-    progress_path = work / "pass1.json"
-    total_buckets = plan.buckets["train"] + plan.buckets["val"]
-    buckets = Buckets(work / "buckets", total_buckets, cfg.buffer_mb << 20)
-    state = json.loads(progress_path.read_text()) if progress_path.exists() else None
-    if state and state.get("buckets") != total_buckets:
-        state = None  # planned differently (cannot happen for one key); start over
-    buckets.reset(state["sizes"] if state else None)
-    done = state["files_done"] if state else 0
-    counts = state["counts"] if state else {"docs": 0, "tokens": 0, "dropped": 0, "dropped_ids": []}
-    bar = Progress("shard: tokenize", None, unit="token", initial=counts["tokens"])
+def piece_files(name: str) -> list[str]:
+    """A pass-1 unit's files, relative to the artifact directory: its documents' token ids
+    (uint16) and lengths (uint32), bucket by bucket, and the index: [buckets + 1, 2] int64, where
+    bucket b's documents and tokens start in the piece (row b) and end (row b + 1)."""
+    return [f"{SCRATCH}/pieces/{name}.{kind}" for kind in ("ids", "len", "index")]
 
-    def file_away(chunk: Chunk, encodings) -> None:
-        if chunk.texts:
-            flat, lengths = token_arrays(encodings, eos)
-            is_val = np.isin(chunk.positions, plan.val_positions, assume_unique=True)
-            h = mix64(chunk.positions, cfg.seed)
-            val = plan.buckets["train"] + (h % np.uint64(max(plan.buckets["val"], 1))).astype(np.int64)
-            buckets.add(flat, lengths, np.where(is_val, val, (h % np.uint64(plan.buckets["train"])).astype(np.int64)))
-            counts["docs"] += len(lengths)
-            counts["tokens"] += int(lengths.sum())
-            bar.update(int(lengths.sum()))
-        counts["dropped"] += len(chunk.empty)
-        counts["dropped_ids"] = (counts["dropped_ids"] + chunk.empty)[:100]
-        if chunk.last:
-            buckets.flush()
-            _save_json(progress_path, {"files_done": chunk.file + 1, "buckets": total_buckets,
-                                       "sizes": buckets.sizes(), "counts": counts})
 
-    # The encoder thread runs batch k+1 in Rust (GIL released, all cores) while this thread
-    # files batch k; at most two batches of encodings are alive.
-    with ThreadPoolExecutor(max_workers=1) as encoder:
-        pending: deque = deque()
-        for chunk in text_chunks(plan, done, cfg.batch_chars):
-            pending.append((chunk, encoder.submit(tok.encode_batch_fast, chunk.texts, add_special_tokens=False)))
-            if len(pending) >= 2:
-                chunk, future = pending.popleft()
-                file_away(chunk, future.result())
-        while pending:
-            chunk, future = pending.popleft()
-            file_away(chunk, future.result())
-    bar.close()
-    return counts
+def tokenize_unit(args: dict) -> dict:
+    """One unit of pass 1: tokenize one document file and file each document under its bucket.
+
+    A document's bucket is a seeded hash of its corpus position (the validation documents, drawn
+    by the plan, go to the val buckets), so it does not depend on which unit or worker ran.
+    Writes the piece_files of the unit (temp names, then renamed; the index last). Memory: the
+    file's token ids twice over (~4 bytes per token), one encode batch of Rust encodings."""
+    from tokenizers import Tokenizer
+
+    clock = time.perf_counter()
+    out, name = Path(args["out"]), args["name"]
+    tok = Tokenizer.from_file(args["tokenizer"])
+    tok.encode_special_tokens = True  # "<|im_end|>" written in a document is text, not a control token
+    n_train, n_val = args["buckets"]
+    val_positions = np.asarray(args["val_positions"], dtype=np.int64)
+    flats, lengths, buckets, empty = [], [], [], []
+    for texts, positions, skipped in text_chunks(Path(args["path"]), args["first_position"], args["batch_chars"]):
+        empty += skipped
+        if not texts:
+            continue
+        flat, lens = token_arrays(tok.encode_batch_fast(texts, add_special_tokens=False), args["eos"])
+        h = mix64(positions, args["seed"])
+        val = n_train + (h % np.uint64(max(n_val, 1))).astype(np.int64)
+        train = (h % np.uint64(n_train)).astype(np.int64)
+        flats.append(flat)
+        lengths.append(lens)
+        buckets.append(np.where(np.isin(positions, val_positions, assume_unique=True), val, train))
+    flat = np.concatenate(flats) if flats else np.zeros(0, np.uint16)
+    lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    bucket = np.concatenate(buckets) if buckets else np.zeros(0, np.int64)
+    ids, lens_sorted = by_bucket(flat, lens, bucket)
+    per_bucket = np.stack([np.bincount(bucket, minlength=n_train + n_val),
+                           np.bincount(bucket, weights=lens, minlength=n_train + n_val).astype(np.int64)], axis=1)
+    index = np.concatenate([np.zeros((1, 2), np.int64), np.cumsum(per_bucket, axis=0)])
+    files = piece_files(name)
+    (out / files[0]).parent.mkdir(parents=True, exist_ok=True)
+    _write_array(out / files[0], ids)
+    _write_array(out / files[1], lens_sorted.astype(np.uint32))
+    _write_array(out / files[2], index.astype(np.int64))
+    return {"docs": len(lens), "tokens": int(lens.sum()), "dropped": len(empty), "dropped_ids": empty[:100],
+            "files": files, "seconds": time.perf_counter() - clock}
+
+
+def pass_one(plan: Plan, cfg: ShardSettings, tokenizer_path: Path, eos: int, out) -> tuple[list[str], dict]:
+    """Tokenize every document file (tasks.corpus.parallel: local workers or Ray tasks, resumed
+    file by file). Returns the pieces in file order and the pass's counts."""
+    units, position = [], 0
+    for i, path in enumerate(plan.files):
+        rows = pq.ParquetFile(path).metadata.num_rows
+        lo, hi = np.searchsorted(plan.val_positions, [position, position + rows])
+        units.append(Unit(f"f{i:05d}", {
+            "name": f"f{i:05d}", "path": str(path), "tokenizer": str(tokenizer_path), "eos": eos,
+            "out": str(out.path), "first_position": position, "val_positions": plan.val_positions[lo:hi].tolist(),
+            "buckets": [plan.buckets["train"], plan.buckets["val"]], "seed": cfg.seed,
+            "batch_chars": cfg.batch_chars, "size": path.stat().st_size}))
+        position += rows
+    done = run_units(out, "shard-tokenize", units, tokenize_unit, desc="shard: tokenize")
+    results = [done[u.name] for u in units]
+    counts = {"docs": sum(r["docs"] for r in results), "tokens": sum(r["tokens"] for r in results),
+              "dropped": sum(r["dropped"] for r in results),
+              "dropped_ids": [i for r in results for i in r["dropped_ids"]][:100]}
+    return [u.name for u in units], counts
 
 
 # --- pass 2: shuffle each bucket into shards -------------------------------------------------
@@ -328,17 +299,36 @@ def bucket_order(bucket: int, lens: np.ndarray, cfg: ShardSettings) -> tuple[np.
     return perm, shard_cuts(lens[perm], cfg.shard_mb * 1e6)
 
 
+def read_bucket(root: str, pieces: list[str], bucket: int, ids: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Bucket b's documents as pass 1 left them: each piece's share, in file order, read as byte
+    ranges (the index's rows b and b + 1, then the lengths and ids between them), so a reader
+    touches only its bucket. `root` is the artifact directory: a local folder, or the store's
+    partial work (an fsspec URL) for a Ray worker on an object-store root. Returns (lengths
+    int64, ids uint16 or None when ids is False)."""
+    fs, base = fsspec.core.url_to_fs(root)
+    lens, values = [], []
+    for name in pieces:
+        ids_rel, len_rel, index_rel = (f"{base}/{rel}" for rel in piece_files(name))
+        (d0, t0), (d1, t1) = np.frombuffer(fs.cat_file(index_rel, start=16 * bucket, end=16 * (bucket + 2)),
+                                           np.int64).reshape(2, 2).tolist()
+        if d1 > d0:
+            lens.append(np.frombuffer(fs.cat_file(len_rel, start=4 * d0, end=4 * d1), np.uint32))
+            if ids:
+                values.append(np.frombuffer(fs.cat_file(ids_rel, start=2 * t0, end=2 * t1), np.uint16))
+    length = np.concatenate(lens).astype(np.int64) if lens else np.zeros(0, np.int64)
+    return length, (np.concatenate(values) if values else np.zeros(0, np.uint16)) if ids else None
+
+
 def bucket_unit(args: dict) -> dict:
     """One unit of pass 2: permute one bucket and write its shards (those not written yet; a
     shard is written under a temporary name and renamed). Runs in a worker."""
     cfg = ShardSettings.model_validate(args["settings"])
-    out, folder, b = Path(args["out"]), Path(args["buckets"]), args["bucket"]
-    lens = np.fromfile(folder / f"{b:05d}.len", dtype=np.uint32).astype(np.int64)
-    perm, cuts = bucket_order(b, lens, cfg)
-    rels = [f"{args['split']}/{args['first'] + i:05d}.parquet" for i in range(len(cuts) - 1)]
+    out, b = Path(args["out"]), args["bucket"]
+    rels = [f"{args['split']}/{args['first'] + i:05d}.parquet" for i in range(args["shards"])]
     missing = [i for i, rel in enumerate(rels) if not (out / rel).exists()]
     if missing:
-        ids = np.fromfile(folder / f"{b:05d}.ids", dtype=np.uint16)
+        lens, ids = read_bucket(args["pieces_root"], args["pieces"], b)
+        perm, cuts = bucket_order(b, lens, cfg)
         ends = np.cumsum(lens)
         for i in missing:
             docs = perm[cuts[i]:cuts[i + 1]]
@@ -347,22 +337,27 @@ def bucket_unit(args: dict) -> dict:
     return {"files": rels, "shards": [[rel, *shard_stats(out / rel)] for rel in rels]}
 
 
-def pass_two(plan: Plan, cfg: ShardSettings, work: Path, out) -> list[dict]:
+def pass_two(plan: Plan, cfg: ShardSettings, pieces: list[str], out) -> list[dict]:
     """Write every shard, one unit per bucket (tasks.corpus.parallel: local workers or Ray tasks,
     resumed bucket by bucket). The shards' numbers are planned here from the buckets' document
-    lengths alone, so a unit needs nothing from another. Returns the shard list."""
-    folder = work / "buckets"
+    lengths alone (4 bytes per document read, one bucket at a time), so a unit needs nothing
+    from another. Returns the shard list."""
     units, settings = [], cfg.model_dump()
+    # Where the units read the pieces: here, or (Ray workers on an object-store root) the store's
+    # copy of this stage's partial work, where pass 1's units uploaded them.
+    store = getattr(out, "store", None)
+    remote = getattr(out, "executor", "local") == "ray" and store is not None and not store.is_local
+    root = store.fs.unstrip_protocol(store.partial_path(out.stage, out.key)) if remote else str(out.path)
     for split in SPLITS:
         number = 0
         for b in plan.bucket_ids(split):
-            lens = np.fromfile(folder / f"{b:05d}.len", dtype=np.uint32).astype(np.int64)
+            lens, _ = read_bucket(str(out.path), pieces, b, ids=False)
             if len(lens) == 0:
                 continue
             _, cuts = bucket_order(b, lens, cfg)
-            units.append(Unit(f"{b:05d}", {"bucket": b, "split": split, "first": number, "settings": settings,
-                                           "buckets": str(folder), "out": str(out.path),
-                                           "size": 2 * int(lens.sum())}))
+            units.append(Unit(f"{b:05d}", {"bucket": b, "split": split, "first": number, "shards": len(cuts) - 1,
+                                           "settings": settings, "pieces_root": root, "pieces": pieces,
+                                           "out": str(out.path), "size": 2 * int(lens.sum())}))
             number += len(cuts) - 1
     results = run_units(out, "shard-write", units, bucket_unit, desc="shard: shuffle+write")
     return [{"path": rel, "split": rel.split("/", 1)[0], "docs": docs, "tokens": tokens}
@@ -380,19 +375,16 @@ def run(cfg: ShardSettings, inputs: dict, out) -> StageResult:
     eos = tok.token_to_id(EOS)
     if eos is None:
         raise ShardError(f"tokenizer/{tokenizer.key[:16]} has no {EOS} token; retrain it with this version of slm")
-    tok.encode_special_tokens = True  # "<|im_end|>" written in a document is text, not a control token
 
     files = [out.local_input(documents, rel) for rel in document_files(documents)]
     bytes_per_token = float(tokenizer.extra.get("compression", {}).get("bytes_per_token") or 2.5)
     plan = make_plan(files, cfg, bytes_per_token)
-    work = out.scratch
-    work.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()
-    counts = pass_one(plan, cfg, tok, eos, work)
+    pieces, counts = pass_one(plan, cfg, out.local_input(tokenizer, "tokenizer.json"), eos, out)
     tokenize_seconds = time.perf_counter() - clock
     if counts["docs"] == 0:
         raise ShardError(f"dedup/{documents.key[:16]}: none of the {plan.docs} documents has text")
-    shards = pass_two(plan, cfg, work, out)
+    shards = pass_two(plan, cfg, pieces, out)
     seconds = time.perf_counter() - clock
 
     totals = {s: {"docs": sum(x["docs"] for x in shards if x["split"] == s),

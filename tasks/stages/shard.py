@@ -48,7 +48,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -209,17 +211,30 @@ def tokenize_unit(args: dict) -> dict:
     n_train, n_val = args["buckets"]
     val_positions = np.asarray(args["val_positions"], dtype=np.int64)
     flats, lengths, buckets, empty = [], [], [], []
-    for texts, positions, skipped in text_chunks(Path(args["path"]), args["first_position"], args["batch_chars"]):
-        empty += skipped
-        if not texts:
-            continue
-        flat, lens = token_arrays(tok.encode_batch_fast(texts, add_special_tokens=False), args["eos"])
+
+    def file_away(positions: np.ndarray, encodings) -> None:
+        flat, lens = token_arrays(encodings, args["eos"])
         h = mix64(positions, args["seed"])
         val = n_train + (h % np.uint64(max(n_val, 1))).astype(np.int64)
         train = (h % np.uint64(n_train)).astype(np.int64)
         flats.append(flat)
         lengths.append(lens)
         buckets.append(np.where(np.isin(positions, val_positions, assume_unique=True), val, train))
+
+    # The encoder thread runs batch k+1 in Rust (GIL released, all cores) while this thread
+    # files batch k; at most two batches of encodings are alive.
+    with ThreadPoolExecutor(max_workers=1) as encoder:
+        pending: deque = deque()
+        for texts, positions, skipped in text_chunks(Path(args["path"]), args["first_position"], args["batch_chars"]):
+            empty += skipped
+            if texts:
+                pending.append((positions, encoder.submit(tok.encode_batch_fast, texts, add_special_tokens=False)))
+            if len(pending) >= 2:
+                positions, future = pending.popleft()
+                file_away(positions, future.result())
+        while pending:
+            positions, future = pending.popleft()
+            file_away(positions, future.result())
     flat = np.concatenate(flats) if flats else np.zeros(0, np.uint16)
     lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     bucket = np.concatenate(buckets) if buckets else np.zeros(0, np.int64)

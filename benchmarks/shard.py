@@ -165,7 +165,8 @@ def job_sample(spec: dict) -> dict:
 
     cfg = T.TokenizerSettings(vocab_size=spec["vocab"], sample_chars=spec["sample_chars"], heldout_chars=spec["heldout_chars"])
     paths = [Path(p) for p in spec["paths"]]
-    plan = T.plan_sample(paths, cfg)
+    out = _store(spec).begin("tokenizer-bench", f"{spec['sample_chars']:064d}")  # the sample units' files
+    _, train_files, heldout_files = T.draw_sample(out, paths, cfg)
     tok = T.new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
                                   special_tokens=T.special_tokens(cfg), show_progress=False,
@@ -173,10 +174,10 @@ def job_sample(spec: dict) -> dict:
     before = usage()["rss_mb"]
     start = time.perf_counter()
     taken = {"docs": 0, "chars": 0}
-    tok.train_from_iterator(T.training_texts(paths, plan, cfg, taken), trainer)
+    tok.train_from_iterator(T.training_texts(train_files, cfg, taken), trainer)
     seconds = time.perf_counter() - start
     rss = usage()["rss_mb"]
-    comp = T.compression(tok, T.heldout_docs(paths, plan, cfg))
+    comp = T.compression(tok, T.heldout_docs(heldout_files, cfg))
     return {"seconds": seconds, "rss_mb": rss, "base_mb": before, "sample_chars": taken["chars"],
             "chars_per_token": comp["chars_per_token"], "bytes_per_token": comp["bytes_per_token"]}
 
@@ -359,7 +360,7 @@ def main() -> int:
                  for rel in [f"docs/{p.name}" for p in prefix(64)]]
         rows = []
         for millions in (1, 2, 5, 10, 20):
-            r = child("sample", {"paths": paths, "vocab": args.vocab,
+            r = child("sample", {**base, "paths": paths, "vocab": args.vocab,
                                    "sample_chars": millions * 1_000_000, "heldout_chars": 1_000_000})
             if "error" in r:
                 rows.append([millions, r["error"], "", "", ""])

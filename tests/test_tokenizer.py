@@ -114,9 +114,10 @@ def test_sample_is_bounded_and_spread_over_the_corpus(trained):
     # the stream the trainer consumed: bounded, and drawn from the whole corpus (both files)
     cfg = stage.TokenizerSettings(**SETTINGS)
     paths = [store.local_path(docs, rel) for rel in stage.document_files(docs)]
-    plan = stage.plan_sample(paths, cfg)
+    out = store.begin("tokenizer", "s" * 64)  # a working directory of its own: the units' files go there
+    _, train_files, _ = stage.draw_sample(out, paths, cfg)
     taken = {"docs": 0, "chars": 0}
-    sample = list(stage.training_texts(paths, plan, cfg, taken))
+    sample = list(stage.training_texts(train_files, cfg, taken))
     assert sum(map(len, sample)) == taken["chars"] == manifest.counts["sample_chars"]
     first, second = (set(r["text"] for r in part) for part in _records_of(store, docs))
     assert sum(t in first for t in sample) > 100 and sum(t in second for t in sample) > 100

@@ -30,19 +30,23 @@ Fails   when the corpus has no text (names the upstream artifact), or when the s
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
 from profiles.schema import Strict
+from storage.artifacts import SCRATCH
 from storage.errors import SlmError
 from tasks.chat_data import EOS, IM_END, IM_START, NAMED_SPECIAL, PAD
 from tasks.corpus.documents import document_files, iter_batches
+from tasks.corpus.parallel import Unit, run_units
 from tasks.corpus.positions import uniform
 from tasks.registry import Stage, StageResult
 
@@ -130,33 +134,7 @@ def hf_config(specials: list[str]) -> dict:
     }
 
 
-# --- the corpus: positions, shares, streams ------------------------------------------------
-@dataclass
-class Batch:
-    position: int  # corpus position of the first row
-    column: object  # the `text` column (pyarrow); texts become Python strings only when picked
-    sources: object  # the `source` column, or None
-    chars: np.ndarray  # characters per text (0 for null)
-
-    def text(self, i: int) -> str:
-        return self.column[int(i)].as_py() or ""
-
-    def source(self, i: int) -> str:
-        return (self.sources[int(i)].as_py() if self.sources is not None else None) or "?"
-
-
-def corpus_batches(paths: list[Path], columns=("source", "text")) -> Iterator[Batch]:
-    """Every document of the corpus in order, a record batch at a time (one row group in memory)."""
-    position = 0
-    for path in paths:
-        for batch in iter_batches(path, columns=list(columns)):
-            text = batch.column("text")
-            chars = pc.fill_null(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False)
-            sources = batch.column("source") if "source" in columns else None
-            yield Batch(position, text, sources, chars)
-            position += len(batch)
-
-
+# --- the sample: units per document file, then streamed in corpus order ---------------------
 @dataclass
 class Plan:
     docs: int
@@ -165,40 +143,107 @@ class Plan:
     heldout_share: float
 
 
-def plan_sample(paths: list[Path], cfg: TokenizerSettings) -> Plan:
-    """One counting pass: how large a share of the documents to train on and to hold out."""
+def count_unit(args: dict) -> dict:
+    """One document file's documents and characters (the first of the two passes)."""
     docs = chars = 0
-    for batch in corpus_batches(paths, columns=("text",)):
-        docs += len(batch.chars)
-        chars += int(batch.chars.sum())
+    for batch in iter_batches(Path(args["path"]), columns=["text"]):
+        docs += len(batch)
+        chars += int(pc.sum(pc.fill_null(pc.utf8_length(batch.column("text")), 0)).as_py() or 0)
+    return {"docs": docs, "chars": chars}
+
+
+def _write_texts(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.ipc.new_file(tmp, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(tmp, path)
+
+
+def sample_unit(args: dict) -> dict:
+    """One document file's share of the sample. Each document gets u in [0, 1) from (seed, its
+    corpus position): u < train_share is trained on, u >= 1 - heldout_share is held out. Writes
+    _work/sample/<name>.train.arrow (text) and .heldout.arrow (source, text), in file order,
+    each cut where this file alone passes the stage's bound (sample_chars, heldout_chars): the
+    driver's cut in corpus order comes no later. Memory: at most those bounds of text."""
+    out, name, position = Path(args["out"]), args["name"], args["first_position"]
+    train, held_sources, held = [], [], []
+    train_chars = held_chars = 0
+    for batch in iter_batches(Path(args["path"]), columns=["source", "text"]):
+        chars = pc.fill_null(pc.utf8_length(batch.column("text")), 0).to_numpy(zero_copy_only=False)
+        u = uniform(np.arange(position, position + len(batch)), args["seed"])
+        position += len(batch)
+        texts, sources = batch.column("text"), batch.column("source")
+        for i in np.flatnonzero((u < args["train_share"]) & (chars > 0)):
+            if train and train_chars + int(chars[i]) > args["sample_chars"]:
+                break
+            train.append(texts[int(i)].as_py())
+            train_chars += int(chars[i])
+        for i in np.flatnonzero((u >= 1.0 - args["heldout_share"]) & (chars > 0)):
+            if held_chars >= args["heldout_chars"]:
+                break
+            held_sources.append(sources[int(i)].as_py() or "?")
+            held.append(texts[int(i)].as_py())
+            held_chars += int(chars[i])
+    files = [f"{SCRATCH}/sample/{name}.train.arrow", f"{SCRATCH}/sample/{name}.heldout.arrow"]
+    _write_texts(out / files[0], pa.table({"text": pa.array(train, pa.string())}))
+    _write_texts(out / files[1], pa.table({"source": pa.array(held_sources, pa.string()),
+                                           "text": pa.array(held, pa.string())}))
+    return {"train_chars": train_chars, "heldout_chars": held_chars, "files": files}
+
+
+def draw_sample(out, paths: list[Path], cfg: TokenizerSettings) -> tuple[Plan, list[Path], list[Path]]:
+    """Both passes over the corpus as units (tasks.corpus.parallel: local workers or Ray tasks,
+    resumed file by file): count, then each file's share of the sample. Returns the plan and
+    the sample files (training, held out), in corpus order."""
+    names = [f"f{i:05d}" for i in range(len(paths))]
+    base = [Unit(n, {"name": n, "path": str(p), "out": str(out.path), "size": p.stat().st_size})
+            for n, p in zip(names, paths)]
+    counted = run_units(out, "tokenizer-count", base, count_unit, desc="tokenizer: count")
+    docs = sum(counted[n]["docs"] for n in names)
+    chars = sum(counted[n]["chars"] for n in names)
     heldout = min(0.5, cfg.heldout_chars / chars) if chars else 0.0
-    train = min(1.0 - heldout, cfg.sample_chars / chars) if chars else 0.0
-    return Plan(docs, chars, train, heldout)
+    plan = Plan(docs, chars, min(1.0 - heldout, cfg.sample_chars / chars) if chars else 0.0, heldout)
+    if not chars:
+        return plan, [], []
+    units, position = [], 0
+    for unit in base:
+        units.append(Unit(unit.name, {**unit.args, "first_position": position, "seed": cfg.seed,
+                                      "train_share": plan.train_share, "heldout_share": plan.heldout_share,
+                                      "sample_chars": cfg.sample_chars, "heldout_chars": cfg.heldout_chars}))
+        position += counted[unit.name]["docs"]
+    done = run_units(out, "tokenizer-sample", units, sample_unit, desc="tokenizer: sample")
+    files = [[out.path / f for f in done[n]["files"]] for n in names]
+    return plan, [f[0] for f in files], [f[1] for f in files]
 
 
-def training_texts(paths: list[Path], plan: Plan, cfg: TokenizerSettings, taken: dict) -> Iterator[str]:
-    """The sampled documents' texts, streamed, stopping at `sample_chars`."""
-    for batch in corpus_batches(paths, columns=("text",)):
-        u = uniform(np.arange(batch.position, batch.position + len(batch.chars)), cfg.seed)
-        for i in np.flatnonzero((u < plan.train_share) & (batch.chars > 0)):
-            if taken["chars"] + int(batch.chars[i]) > cfg.sample_chars and taken["docs"]:
+def _read_texts(path: Path) -> pa.Table:
+    with pa.ipc.open_file(path) as reader:
+        return reader.read_all()
+
+
+def training_texts(files: list[Path], cfg: TokenizerSettings, taken: dict) -> Iterator[str]:
+    """The sampled documents' texts in corpus order, stopping at `sample_chars` (one file's
+    share in memory at a time)."""
+    for path in files:
+        for text in _read_texts(path).column("text").to_pylist():
+            if taken["chars"] + len(text) > cfg.sample_chars and taken["docs"]:
                 return
-            text = batch.text(i)
             taken["chars"] += len(text)
             taken["docs"] += 1
             yield text
 
 
-def heldout_docs(paths: list[Path], plan: Plan, cfg: TokenizerSettings) -> Iterator[tuple[str, str]]:
-    """(source, text) of the held-out documents, up to `heldout_chars` characters."""
+def heldout_docs(files: list[Path], cfg: TokenizerSettings) -> Iterator[tuple[str, str]]:
+    """(source, text) of the held-out documents in corpus order, up to `heldout_chars` characters."""
     total = 0
-    for batch in corpus_batches(paths):
-        u = uniform(np.arange(batch.position, batch.position + len(batch.chars)), cfg.seed)
-        for i in np.flatnonzero((u >= 1.0 - plan.heldout_share) & (batch.chars > 0)):
+    for path in files:
+        table = _read_texts(path)
+        for source, text in zip(table.column("source").to_pylist(), table.column("text").to_pylist()):
             if total >= cfg.heldout_chars:
                 return
-            total += int(batch.chars[i])
-            yield batch.source(i), batch.text(i)
+            total += len(text)
+            yield source, text
 
 
 def compression(tok, docs: Iterator[tuple[str, str]], batch_docs: int = 512) -> dict:
@@ -259,7 +304,7 @@ def run(cfg: TokenizerSettings, inputs: dict, out) -> StageResult:
 
     manifest = inputs["dedup"]
     paths = [out.local_input(manifest, rel) for rel in document_files(manifest)]
-    plan = plan_sample(paths, cfg)
+    plan, train_files, heldout_files = draw_sample(out, paths, cfg)
     if plan.chars == 0:
         raise TokenizerError(
             f"{manifest.stage}/{manifest.key[:16]}: the corpus has no text ({plan.docs} documents); "
@@ -275,7 +320,7 @@ def run(cfg: TokenizerSettings, inputs: dict, out) -> StageResult:
         show_progress=sys.stderr.isatty(),
     )
     taken = {"docs": 0, "chars": 0}
-    tok.train_from_iterator(training_texts(paths, plan, cfg, taken), trainer)
+    tok.train_from_iterator(training_texts(train_files, cfg, taken), trainer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if vocab <= len(specials) + 256:
         raise TokenizerError(
@@ -291,7 +336,7 @@ def run(cfg: TokenizerSettings, inputs: dict, out) -> StageResult:
     (out.path / "tokenizer_config.json").write_text(
         json.dumps(hf_config(specials), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     tok.encode_special_tokens = True  # measure documents as the shard stage encodes them
-    comp = compression(tok, heldout_docs(paths, plan, cfg))
+    comp = compression(tok, heldout_docs(heldout_files, cfg))
     (out.path / "report.md").write_text(report_md(cfg, vocab, plan, taken, comp), encoding="utf-8")
 
     out.log_metrics({"vocab_size": vocab, "chars_per_token": comp["chars_per_token"],

@@ -451,7 +451,10 @@ class ScaleOut:
     """What tasks.corpus.parallel and tasks.stages.dedup's steps need of a stage's output (a local folder)."""
 
     def __init__(self, path: Path, workers: int, executor: str = "local"):
+        from storage.artifacts import ArtifactStore
+
         self.path, self.workers, self.executor, self.ray_address = path, workers, executor, None
+        self.store = ArtifactStore(str(path), path)  # a local root: Ray's units read and write this folder
 
     def save_progress(self, rel: str) -> None:
         pass

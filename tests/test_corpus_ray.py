@@ -2,7 +2,8 @@
 node, one CPU each, on 127.0.0.1) write the same files as the local executor, with the store in a
 folder or in an S3 bucket (moto's server), and with a worker killed mid-stage; a unit whose worker
 dies is rerun by Ray; a driver killed with kill -9 resumes from the unit markers; a wrong address,
-a worker killed at every attempt and a store the workers cannot write fail naming what to change."""
+a worker killed at every attempt, a unit stopped by Ray's memory monitor and a store the workers
+cannot write fail naming what to change."""
 from __future__ import annotations
 
 import contextlib
@@ -123,10 +124,11 @@ def test_corpus_stages_on_two_ray_nodes_write_the_same_files_as_local(tmp_path, 
     # every unit's files went through the bucket (the partial work, deleted at commit): the
     # workers' scratch folders hold nothing of them any more, their caches the upstream files
     scratch = cluster.worker_dir
-    assert sorted(p.name for p in (scratch / "work").iterdir()) == ["clean", "dedup", "extract", "normalize", "shard"]
+    assert sorted(p.name for p in (scratch / "work").iterdir()) == ["clean", "dedup", "extract", "normalize", "shard",
+                                                                    "tokenizer"]
     assert not [p for p in (scratch / "work").rglob("*") if p.is_file()]
     assert {p.name for p in (scratch / "cache").iterdir()} == {"download", "extract", "normalize", "clean", "dedup",
-                                                               "tokenizer"}  # shard's pass 1 reads these two
+                                                               "tokenizer"}  # the tokenizer's and shard's units read these
     assert not [k for k in s3.keys("store/") if ".partial/" in k]
 
 
@@ -189,14 +191,60 @@ def unit_killed_by_the_system(args: dict) -> dict:
 
 
 def test_a_unit_whose_worker_is_killed_at_every_attempt_fails_naming_what_to_change(tmp_path, cluster):
-    """Ray's own OutOfMemoryError cannot be provoked in bounded time on a shared machine (its monitor
-    acts at 95% of the node's memory); a worker SIGKILLed at each of its 4 attempts is what the
-    kernel's OOM killer leaves, and the stage fails naming the memory and the unit size to change."""
+    """A worker SIGKILLed at each of its 4 attempts (what the kernel's OOM killer leaves, outside
+    Ray's own memory monitor): the stage fails naming the memory and the unit size to change."""
     store = ArtifactStore(str(tmp_path / "store"), tmp_path)
     out = store.begin("units-test", "6" * 64, executor="ray", ray_address=cluster.address)
     with pytest.raises(SlmError, match=r"u0: the Ray worker running u0 died 4 times .*memory.*stages.extract.shard_mb"):
         run_units(out, "phase", [Unit("u0", {"name": "u0"})], unit_killed_by_the_system, "units")
     assert not (out.path / "_work" / "phase" / "u0.json").exists()
+
+
+def unit_that_outgrows_its_node(args: dict) -> dict:
+    """Touches 256 MiB more every 50 ms, up to args["gib"] GiB, then gives it all back."""
+    import numpy as np
+
+    blocks = []
+    for _ in range(4 * args["gib"]):
+        blocks.append(np.ones(2**25))  # 256 MiB of float64, every page written
+        time.sleep(0.05)
+    return {"files": []}
+
+
+def _memory_used_fraction(extra: int = 0) -> float:
+    """(MemTotal - MemAvailable + extra) / MemTotal: how Ray's memory monitor measures a node
+    outside a memory cgroup."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total, available = (int(info[k].split()[0]) * 1024 for k in ("MemTotal", "MemAvailable"))
+    return (total - available + extra) / total
+
+
+def test_a_unit_that_outgrows_its_node_is_stopped_by_rays_memory_monitor_and_named(tmp_path):
+    """Ray's own out-of-memory kill, for real: a one-node cluster whose memory monitor acts at
+    what this machine uses now plus 1.5 GiB (Ray's default, 95%, is out of reach of a test on a
+    shared machine) runs a unit that grows to 6 GiB. The monitor stops it at every attempt; the
+    stage fails within seconds (not after Ray's endless default of retries) naming the unit and
+    what to change, and leaves no marker."""
+    threshold = _memory_used_fraction(3 * 2**29)
+    if threshold > 0.8:
+        pytest.skip(f"this machine already uses {_memory_used_fraction():.0%} of its memory")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_memory_usage_threshold", f"{threshold:.4f}")
+        env.setenv("RAY_memory_monitor_refresh_ms", "100")
+        node = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    try:
+        node.wait_for_nodes(timeout=120)
+        store = ArtifactStore(str(tmp_path / "store"), tmp_path)
+        out = store.begin("units-test", "9" * 64, executor="ray", ray_address=node.address)
+        clock = time.monotonic()
+        with pytest.raises(SlmError, match=r"u0: Ray stopped the worker running u0 for lack of memory: give the Ray "
+                                           r"nodes more memory or make the units smaller \(e.g. stages.extract.shard_mb\)"):
+            run_units(out, "phase", [Unit("u0", {"name": "u0", "gib": 6})], unit_that_outgrows_its_node, "units")
+        assert time.monotonic() - clock < 120
+        assert not (out.path / "_work" / "phase" / "u0.json").exists()
+    finally:
+        ray_units.shutdown()
+        node.shutdown()
 
 
 def unit_that_writes_a_file(args: dict) -> dict:

@@ -29,7 +29,9 @@ run_on_ray(address, pending, fn, finish, errors, bar, through_store)
   finish    called here, in the driver, with each unit's result as it arrives: it makes the
             unit's files durable (or fetches them, above) and writes its marker, exactly as with
             the local executor, so a driver killed mid-stage resumes from the same markers.
-  Retries   a unit whose worker process or node dies is run again by Ray (max_retries); its
+  Retries   a unit whose worker process or node dies, or that Ray's memory monitor stops, is run
+            again by Ray, up to MAX_RETRIES times (max_retries; and task_oom_retries, which
+            connect() sets since Ray's default is endless); its
             files are written under temporary names and renamed, so a retried unit writes the
             same bytes. An exception raised by fn is not retried: it is the unit's error.
   Fails     every failing unit named in `errors` (the caller raises); Ray's out-of-memory kill
@@ -77,6 +79,12 @@ def _probe(address: str) -> None:
 def connect(address: str | None):
     """Connect this process to the Ray cluster at `address` (see the module doc); returns ray."""
     global _connected
+    # A task killed by Ray's memory monitor is retried without end by default (task_oom_retries
+    # -1): a unit too large for its node would be killed and rerun forever. The owner of the
+    # tasks, this process, counts those retries: as many as for any other death, then the
+    # unit fails with OutOfMemoryError, named below. (Read from the environment when Ray starts
+    # its core worker here; a value the user set is kept.)
+    os.environ.setdefault("RAY_task_oom_retries", str(MAX_RETRIES))
     ray = _ray()
     with _lock:
         if ray.is_initialized() and _connected == (True, address):

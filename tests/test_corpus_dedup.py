@@ -326,8 +326,8 @@ def test_components_as_units_label_every_node_with_the_smallest_of_its_component
     clusters.write_ipc(pl.DataFrame({"a": [a for a, _ in edges], "b": [b for _, b in edges]},
                                     schema={"a": pl.Int64, "b": pl.Int64}), out.path / rel)
     base = {"out": str(out.path), "names": [], "partitions": partitions}
-    stars = dedup._star_phases(out, base, [rel], partitions)
-    done = run_units(out, "dedup-labels", [Unit(f"p{p}", {**base, "partition": p, "star_files": dedup._to(stars, p),
+    stars = dedup.star_phases(out, base, [rel], partitions)
+    done = run_units(out, "dedup-labels", [Unit(f"p{p}", {**base, "partition": p, "star_files": dedup.destined_to(stars, p),
                                                         "exact_files": []}) for p in range(partitions)],
                      clusters.label_unit, desc="labels")
     labels = pl.read_ipc([out.path / f for r in done.values() for f in r["files"]])

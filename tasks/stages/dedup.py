@@ -255,7 +255,7 @@ def step2(out, units: list[Unit], signed: dict, s: DedupSettings) -> dict:
         pair_files = [f for r in done.values() for f in r["files"]]
         verify = []
         for q in parts:
-            mine = [f for f in pair_files if f.endswith(f"/{q}.arrow")]
+            mine = destined_to(pair_files, q)
             verify.append(Unit(f"q{q}", {**base, "partition": q, "verify": s.verify, "threshold": s.threshold,
                                          "pair_files": mine,
                                          "inputs": mine + (clusters.signature_files(names) if s.verify else [])}))
@@ -263,10 +263,10 @@ def step2(out, units: list[Unit], signed: dict, s: DedupSettings) -> dict:
         facts["candidate_pairs"] = sum(r["candidate_pairs"] for r in done.values())
         facts["verified_pairs"] = sum(r["verified_pairs"] for r in done.values())
         edge_files = [f for r in done.values() for f in r["files"]]
-    star_files = _star_phases(out, base, edge_files, s.partitions) if edge_files else []
-    done = run_units(out, "dedup-labels", [Unit(f"p{p}", {**base, "partition": p, "star_files": _to(star_files, p),
+    star_files = star_phases(out, base, edge_files, s.partitions) if edge_files else []
+    done = run_units(out, "dedup-labels", [Unit(f"p{p}", {**base, "partition": p, "star_files": destined_to(star_files, p),
                                                         "exact_files": exact_files,
-                                                        "inputs": _to(star_files, p) + exact_files})
+                                                        "inputs": destined_to(star_files, p) + exact_files})
                                            for p in parts], clusters.label_unit, desc="dedup labels")
     label_files = [f for r in done.values() for f in r["files"] if "/labels/" in f]
     exact_final = [f for r in done.values() for f in r["files"] if "/exact-final/" in f]
@@ -293,12 +293,12 @@ def step2(out, units: list[Unit], signed: dict, s: DedupSettings) -> dict:
 MAX_STAR_PHASES = 200  # a chain of n nodes takes O(log^2 n) rounds; far more means a bug
 
 
-def _to(files: list[str], p: int) -> list[str]:
+def destined_to(files: list[str], p: int) -> list[str]:
     """The files of one phase destined to partition p (written as .../<dest>.arrow)."""
     return [f for f in files if f.endswith(f"/{p}.arrow")]
 
 
-def _star_phases(out, base: dict, edge_files: list[str], partitions: int) -> list[str]:
+def star_phases(out, base: dict, edge_files: list[str], partitions: int) -> list[str]:
     """The connected components of the verified edges as rounds of units (tasks/corpus/clusters.py
     star_unit): large-star and small-star steps alternated until a pair of them changes nothing.
     Each phase is resumable like any other (dedup-components-<k>); returns the last phase's files."""
@@ -307,7 +307,7 @@ def _star_phases(out, base: dict, edge_files: list[str], partitions: int) -> lis
     for k in range(MAX_STAR_PHASES):
         step = "large" if k % 2 == 0 else "small"
         phase = [Unit(f"p{p}", {**base, "partition": p, "step": step, "first": k == 0, "folder": f"{SCRATCH}/cc/{k}",
-                                "inputs": files if k == 0 else _to(files, p)})
+                                "inputs": files if k == 0 else destined_to(files, p)})
                  for p in range(partitions)]
         done = run_units(out, f"dedup-components-{k}", phase, clusters.star_unit, desc=f"dedup components {k}")
         files = sorted(f for r in done.values() for f in r["files"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import flows  # noqa: F401
@@ -74,6 +75,15 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends `slm run` as Ctrl-C does: through Python's exit, so that its exit handlers run
+    (Prefect's temporary server is stopped, the worker pool killed). Prefect's flow engine takes
+    SIGTERM first, records the run as Crashed (its hook stops the training processes), then sends
+    the signal again to the handler it found: with Python's default one the process died on the
+    spot and left the server and the pool's processes running."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def cmd_run(args) -> int:
     from flows.pipeline import hide_secret_overrides, preload_profile
     from tasks.registry import select
@@ -82,6 +92,7 @@ def cmd_run(args) -> int:
     select(until=args.until, only=args.only)
     from flows.full_pipeline import slm
 
+    _exit_on_sigterm()
     made = slm(profile=args.profile, overrides=hide_secret_overrides(args.overrides), until=args.until, only=args.only)
     print()
     print_table([{"stage": stage, **row} for stage, row in made.items()])

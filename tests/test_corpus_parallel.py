@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,65 @@ def test_a_worker_that_dies_is_named_and_the_next_run_gets_a_new_pool(tmp_path):
     alive = [Unit(u.name, {**u.args, "die": False}) for u in units]
     assert list(run_units(out, "test", alive, unit_whose_worker_dies, desc="test")) == [u.name for u in units]
 
+
+
+def unit_that_sleeps(args: dict) -> dict:
+    """Says it started (a file named after its process), then takes a minute."""
+    Path(args["out"], f"started-{os.getpid()}").touch()
+    time.sleep(60)
+    return {"files": []}
+
+
+KILLED_DRIVER = """
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from pathlib import Path
+from storage.artifacts import ArtifactStore
+from tasks.corpus.parallel import Unit, run_units
+from test_corpus_parallel import unit_that_sleeps
+if __name__ == "__main__":
+    out = ArtifactStore({root!r}, Path({home!r})).begin("units-test", "7" * 64, workers=3)
+    units = [Unit(f"u{{i}}", {{"name": f"u{{i}}", "out": str(out.path), "size": i}}) for i in range(3)]
+    run_units(out, "test", units, unit_that_sleeps, desc="test")
+"""
+
+
+def _session(sid: int) -> list[str]:
+    """The processes left in session `sid` (their command lines)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.getsid(int(proc.name)) == sid:
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120])
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_a_driver_killed_with_sigkill_leaves_no_worker_process_behind(tmp_path):
+    """kill -9 of the process running units (no exit handler runs): its pool workers, busy with a
+    unit, end within seconds, and the forkserver with them, instead of waiting for work for good."""
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = KILLED_DRIVER.format(repo=str(repo), tests=str(repo / "tests"), root=str(tmp_path / "store"),
+                                  home=str(tmp_path))
+    driver = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        # 3 units on 3 workers: this process takes one, the two pool workers the others
+        while len(list((tmp_path / "store").rglob("started-*"))) < 3:
+            assert driver.poll() is None and time.monotonic() < deadline, "the units never all started"
+            time.sleep(0.05)
+        assert len(_session(driver.pid)) >= 4  # the driver, the forkserver, two workers (a resource tracker)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while (left := _session(driver.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, left
+    finally:
+        if _session(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)

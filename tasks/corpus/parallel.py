@@ -35,7 +35,9 @@ import atexit
 import json
 import multiprocessing
 import os
+import select
 import threading
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -71,21 +73,59 @@ def _pool_context():
     return _context
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exit_with_driver(driver: int) -> None:
+    """Initializer of every pool worker: the worker ends when the driver (the process that made
+    the pool) ends, however it ends. The pool's queues do not tell a worker that its driver died
+    (each worker holds both ends of them), so a driver killed with SIGKILL left its workers, and
+    their forkserver, waiting for work for good."""
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(driver)  # readable once the driver has ended (Linux >= 5.3)
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):  # no pidfd here (macOS, older kernels): poll
+            while _alive(driver):
+                time.sleep(1.0)
+            os._exit(1)
+        select.select([handle], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="slm-exit-with-driver", daemon=True).start()
+
+
 def worker_pool(size: int) -> ProcessPoolExecutor:
     """The shared pool of `size` worker processes (started on first use, kept until exit)."""
     global _pool, _pool_size, _free
     if _pool is not None and (_pool_size != size or getattr(_pool, "_broken", False)):
         shutdown_pool()
     if _pool is None:
-        _pool = ProcessPoolExecutor(max_workers=size, mp_context=_pool_context())
+        _pool = ProcessPoolExecutor(max_workers=size, mp_context=_pool_context(),
+                                    initializer=_exit_with_driver, initargs=(os.getpid(),))
         _pool_size, _free = size, threading.Semaphore(size)
     return _pool
 
 
-def shutdown_pool() -> None:
-    """Stop the shared pool's workers (a later run_units starts a new pool)."""
+def shutdown_pool(kill: bool = False) -> None:
+    """Stop the shared pool's workers (a later run_units starts a new pool). kill: at once, even
+    those running a unit (for a process that is ending: a unit writes its files under temporary
+    names and its marker last, so one cut short leaves neither and runs again next time)."""
     global _pool, _pool_size
     if _pool is not None:
+        if kill:
+            # ProcessPoolExecutor has no public way to stop a running task; _processes is its
+            # table of worker processes (the same from Python 3.8 to 3.13).
+            for process in list((getattr(_pool, "_processes", None) or {}).values()):
+                process.kill()
         _pool.shutdown(wait=True, cancel_futures=True)
     _pool, _pool_size = None, 0
 
@@ -255,12 +295,15 @@ def _run_shared(pending: list[Unit], fn, pool_size: int, finish, errors: list, b
         while running:
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             collect(done)
-    except BaseException:
+    except BaseException as err:
         stop.set()
         with lock:
             units.clear()
         feeder.join()
-        wait(list(running))  # units already started finish: none writes after this returns
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            shutdown_pool(kill=True)  # Ctrl-C or SIGTERM: the process ends now, not after its units
+        else:
+            wait(list(running))  # units already started finish: none writes after this returns
         raise
 
 

@@ -21,8 +21,11 @@ Sample  each document gets a fixed pseudo-random number u in [0, 1) from (seed, 
         in the corpus). Documents with u >= 1 - heldout_share are held out for the
         compression report; those with u < sample_share are trained on, in corpus order,
         until `sample_chars` characters. Shares come from one counting pass, so the sample
-        spreads over the whole corpus.
-Memory  one upstream row group plus the trainer's counts over at most `sample_chars`
+        spreads over the whole corpus. Both passes are units, one per document file
+        (tasks.corpus.parallel: local workers or Ray tasks, resumed file by file); the driver
+        only streams the drawn texts into the trainer.
+Memory  a unit: one upstream row group and its file's drawn texts (at most sample_chars and
+        heldout_chars of them); the trainer: its counts over at most `sample_chars`
         characters, whatever the corpus size (the corpus is never held in one string).
 Fails   when the corpus has no text (names the upstream artifact), or when the sample is too
         small to learn a single merge.

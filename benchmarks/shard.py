@@ -159,13 +159,17 @@ def usage() -> dict:
 
 def job_sample(spec: dict) -> dict:
     """Train on a sample of `sample_chars`; compression on held-out documents."""
+    import tempfile
+
     from tokenizers import pre_tokenizers, trainers
 
+    from storage.artifacts import ArtifactStore
     from tasks.stages import tokenizer as T
 
     cfg = T.TokenizerSettings(vocab_size=spec["vocab"], sample_chars=spec["sample_chars"], heldout_chars=spec["heldout_chars"])
     paths = [Path(p) for p in spec["paths"]]
-    out = _store(spec).begin("tokenizer-bench", f"{spec['sample_chars']:064d}")  # the sample units' files
+    work = tempfile.mkdtemp(prefix="slm-bench-sample-")  # the sample units' files, this job's alone
+    out = ArtifactStore(work, Path(work)).begin("tokenizer", "0" * 64)
     _, train_files, heldout_files = T.draw_sample(out, paths, cfg)
     tok = T.new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
@@ -178,6 +182,7 @@ def job_sample(spec: dict) -> dict:
     seconds = time.perf_counter() - start
     rss = usage()["rss_mb"]
     comp = T.compression(tok, T.heldout_docs(heldout_files, cfg))
+    shutil.rmtree(work)
     return {"seconds": seconds, "rss_mb": rss, "base_mb": before, "sample_chars": taken["chars"],
             "chars_per_token": comp["chars_per_token"], "bytes_per_token": comp["bytes_per_token"]}
 
@@ -360,7 +365,7 @@ def main() -> int:
                  for rel in [f"docs/{p.name}" for p in prefix(64)]]
         rows = []
         for millions in (1, 2, 5, 10, 20):
-            r = child("sample", {**base, "paths": paths, "vocab": args.vocab,
+            r = child("sample", {"paths": paths, "vocab": args.vocab,
                                    "sample_chars": millions * 1_000_000, "heldout_chars": 1_000_000})
             if "error" in r:
                 rows.append([millions, r["error"], "", "", ""])

@@ -288,9 +288,9 @@ def test_cancel_from_the_ui_stops_training_with_a_checkpoint(prefect_stack, http
     assert metrics is not None, f"the engine never trained\n{prefect_stack.logs_tail()}"
     engine_pid = int((metrics.parent / "engine.pid").read_text())
     _check_the_run_page(prefect_stack, run_id)
-    from tasks.train.launch import _alive
+    from tasks.processes import alive
 
-    assert _alive(engine_pid)
+    assert alive(engine_pid)
 
     # what the UI's "Cancel" button sends
     state = {"type": "CANCELLING", "name": "Cancelling", "message": "Cancel from the UI"}
@@ -298,9 +298,9 @@ def test_cancel_from_the_ui_stops_training_with_a_checkpoint(prefect_stack, http
     final = _wait_final(prefect_stack, run_id)
     assert final["state_type"] == "CANCELLED", f"{final['state_name']}\n{prefect_stack.logs_tail()}"
     deadline = time.monotonic() + 60
-    while _alive(engine_pid) and time.monotonic() < deadline:
+    while alive(engine_pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(engine_pid), "the training process outlived its cancelled flow run"
+    assert not alive(engine_pid), "the training process outlived its cancelled flow run"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     stops = [r for r in records if r["kind"] == "checkpoint" and r["reason"].startswith("stop")]
     assert stops, records[-3:]

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from storage.artifacts import ArtifactStore
+from tasks.processes import alive
 from tasks.registry import all_stages
 from tasks.runner import open_tracker, run_stage
 from tasks.train import checkpoint as ckpt
-from tasks.train.launch import _alive
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from token_corpus import corpus_records, documents_artifact  # noqa: E402
@@ -95,9 +95,9 @@ def test_killed_stage_resumes_and_exports_a_model_transformers_loads(upstream, m
     work = partial / "_work" / "engine"
     engine_pid = int((work / "engine.pid").read_text())
     deadline = time.monotonic() + 30
-    while _alive(engine_pid) and time.monotonic() < deadline:
+    while alive(engine_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(engine_pid), "the engine outlived its stage process"
+    assert not alive(engine_pid), "the engine outlived its stage process"
     stopped_at = ckpt.checkpoint_step(ckpt.latest_checkpoint(work / "checkpoints"))
     assert 5 <= stopped_at < STEPS
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from tasks.train import checkpoint as ckpt
 from tasks.train.engine import EXIT_STOPPED
 from tasks.train.metrics import read_metrics
-from tasks.train.launch import _alive, run_engine
+from tasks.processes import alive
+from tasks.train.launch import run_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=320, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64)
@@ -201,7 +202,7 @@ def test_launcher_stops_the_child_when_the_stage_fails(tmp_path, shards):
 
     with pytest.raises(Cancelled):
         run_engine(cfg, out, on_poll=on_poll, poll_seconds=0.1, log_path=out / "engine.log")
-    assert not _alive(int((out / "engine.pid").read_text()))
+    assert not alive(int((out / "engine.pid").read_text()))
     end = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "end"][-1]
     assert end["stopped"] == "SIGTERM"
     assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out / "checkpoints")) == end["step"]
@@ -212,7 +213,7 @@ def test_engine_stops_when_the_stage_process_dies(tmp_path, shards):
     cfg = write_config(tmp_path, shards, "orphan", steps=5000, ckpt_every=0, eval_every=0, log_every=5)
     out = cfg.parent
     stage = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from tasks.train.launch import _alive, run_engine; "
+        [sys.executable, "-c", "import sys; from tasks.train.launch import run_engine; "
          f"run_engine({str(cfg)!r}, {str(out)!r}, log_path={str(out / 'engine.log')!r})"],
         cwd=ROOT,
     )
@@ -220,7 +221,7 @@ def test_engine_stops_when_the_stage_process_dies(tmp_path, shards):
     stage.kill()
     stage.wait(timeout=10)
     pid = int((out / "engine.pid").read_text())
-    wait_for(lambda: not _alive(pid), timeout=30, every=0.1)
+    wait_for(lambda: not alive(pid), timeout=30, every=0.1)
     end = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "end"][-1]
     assert end["stopped"] == "parent exited" and end["step"] < 5000
     assert ckpt.checkpoint_step(ckpt.latest_checkpoint(out / "checkpoints")) == end["step"]

@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 
 from storage.errors import SlmError
+from tasks.processes import alive
 from tasks.progress import Progress
 
 # Imported once by the forkserver, so that every worker it forks starts with them loaded
@@ -73,16 +74,6 @@ def _pool_context():
     return _context
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _exit_with_driver(driver: int) -> None:
     """Initializer of every pool worker: the worker ends when the driver (the process that made
     the pool) ends, however it ends. The pool's queues do not tell a worker that its driver died
@@ -94,7 +85,7 @@ def _exit_with_driver(driver: int) -> None:
         except ProcessLookupError:
             os._exit(1)
         except (AttributeError, OSError):  # no pidfd here (macOS, older kernels): poll
-            while _alive(driver):
+            while alive(driver):
                 time.sleep(1.0)
             os._exit(1)
         select.select([handle], [], [])

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tasks.processes import alive
+
 _RUNNING: dict[int, subprocess.Popen] = {}
 _LOCK = threading.Lock()
 PID_FILE = "engine.pid"
@@ -89,20 +91,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _is_engine(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -120,13 +108,13 @@ def stop_leftover(workdir: Path, grace_seconds: float = 60.0, nodes: Nodes = Nod
         pid = int(path.read_text().strip())
     except ValueError:
         return False
-    if not (_alive(pid) and _is_engine(pid)):
+    if not (alive(pid) and _is_engine(pid)):
         return False
     _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(pid):
+    if alive(pid):
         _signal_group(pid, signal.SIGKILL)
     return True
 

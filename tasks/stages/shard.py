@@ -236,9 +236,11 @@ def tokenize_unit(args: dict) -> dict:
             positions, future = pending.popleft()
             file_away(positions, future.result())
     flat = np.concatenate(flats) if flats else np.zeros(0, np.uint16)
+    flats.clear()  # the batches' copy goes: the file's ids are held twice at most (flat, then ids)
     lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     bucket = np.concatenate(buckets) if buckets else np.zeros(0, np.int64)
     ids, lens_sorted = by_bucket(flat, lens, bucket)
+    del flat
     per_bucket = np.stack([np.bincount(bucket, minlength=n_train + n_val),
                            np.bincount(bucket, weights=lens, minlength=n_train + n_val).astype(np.int64)], axis=1)
     index = np.concatenate([np.zeros((1, 2), np.int64), np.cumsum(per_bucket, axis=0)])
